@@ -1,0 +1,60 @@
+"""Our variant of vLLM's LLaVA-1.5: VisionZip after the CLIP tower.
+
+ProcessingInfo (how many placeholder tokens an image gets) → MultiModalProcessor (hashes salted
+with the pruning settings) → Model (runs the tower, keeps D + C tokens per image). With method
+``none`` every piece defers to vLLM's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vllm_glimpse.models.common import PruningHashMixin, clip_tower_with_visionzip_inputs
+from vllm_glimpse.settings import pruning_config_of, visionzip_budget
+from vllm_glimpse.visionzip import visionzip
+
+
+class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        budget = visionzip_budget(self.get_hf_config())
+        if budget is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        dominant, contextual = budget
+        return dominant + contextual  # CLS + (D - 1) patches + C merged tokens, for any image
+
+
+class GlimpseLlavaMultiModalProcessor(PruningHashMixin, LlavaMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlimpseLlavaMultiModalProcessor,
+    info=GlimpseLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class GlimpseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pruning = pruning_config_of(vllm_config.model_config.hf_config)
+        self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
+
+    def _image_pixels_to_features(self, vision_tower, pixel_values):
+        if self.visionzip_budget is None:
+            return super()._image_pixels_to_features(vision_tower, pixel_values)
+        dominant, contextual = self.visionzip_budget
+        hidden, cls_scores, keys = clip_tower_with_visionzip_inputs(vision_tower, pixel_values)
+        cls_index = torch.zeros(1, dtype=torch.long, device=hidden.device)
+        # Output per image: [CLS, dominant patches in raster order, contextual], as the authors'
+        # CLIPVisionTower_VisionZip.forward returns it to the projector.
+        return torch.stack([
+            visionzip(hidden[i], cls_scores[i], keys[i], dominant, contextual, cls_index).tokens
+            for i in range(hidden.shape[0])
+        ])

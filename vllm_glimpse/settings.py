@@ -1,0 +1,346 @@
+"""Pruning settings: parsed and validated here, and nowhere else.
+
+One :class:`PruningConfig` describes what the plugin does to a model: the method (``none``,
+``visionzip``, ``glimpse``) and that method's knobs. It travels inside the HF config
+(``hf_config.vllm_glimpse``, a plain dict) because that is the one object vLLM hands to both the
+multimodal processor (front-end process) and the model (worker process); ``additional_config``
+reaches only the model (DESIGN.md §3).
+
+How the config gets there: :func:`engine_kwargs` returns ``hf_overrides=PruningOverrides(...)``,
+a picklable callable that vLLM applies to the HF config when it builds ``ModelConfig``. The
+callable checks the model architecture, validates the knobs against the model (token counts,
+layer counts), switches ``architectures`` to our variant of the model, and stores the settings.
+Models that never see it run as vanilla vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+SETTINGS_ATTR = "vllm_glimpse"  # attribute of the HF config that carries PruningConfig.to_dict()
+
+METHODS = ("none", "visionzip", "glimpse")
+
+
+class PruningSettingsError(ValueError):
+    """A pruning setting is unknown, out of range, or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Supported models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """Our variant of one vLLM model architecture."""
+
+    base_arch: str  # the architecture name in the checkpoint's config.json
+    arch: str  # the name our variant is registered under
+    qualname: str  # "module:Class", imported lazily by vLLM's registry
+    methods: tuple[str, ...]  # pruning methods implemented for it
+    display_name: str
+
+
+VARIANTS: dict[str, ModelVariant] = {
+    v.base_arch: v
+    for v in (
+        ModelVariant(
+            "Qwen2_5_VLForConditionalGeneration",
+            "GlimpseQwen2_5_VLForConditionalGeneration",
+            "vllm_glimpse.models.qwen2_5_vl:GlimpseQwen2_5_VLForConditionalGeneration",
+            ("none",),
+            "Qwen2.5-VL",
+        ),
+        ModelVariant(
+            "LlavaForConditionalGeneration",
+            "GlimpseLlavaForConditionalGeneration",
+            "vllm_glimpse.models.llava:GlimpseLlavaForConditionalGeneration",
+            ("none", "visionzip"),
+            "LLaVA-1.5",
+        ),
+        ModelVariant(
+            "LlavaNextForConditionalGeneration",
+            "GlimpseLlavaNextForConditionalGeneration",
+            "vllm_glimpse.models.llava_next:GlimpseLlavaNextForConditionalGeneration",
+            ("none", "visionzip"),
+            "LLaVA-NeXT",
+        ),
+    )
+}
+_VARIANT_BY_ARCH = {v.arch: v for v in VARIANTS.values()}
+
+
+def variant_for(hf_config: Any) -> ModelVariant:
+    """Our variant for a HF config, or a PruningSettingsError naming the architecture."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        if arch in VARIANTS:
+            return VARIANTS[arch]
+        if arch in _VARIANT_BY_ARCH:  # overrides applied twice: already switched
+            return _VARIANT_BY_ARCH[arch]
+    supported = ", ".join(f"{v.base_arch} ({v.display_name})" for v in VARIANTS.values())
+    raise PruningSettingsError(
+        f"vllm-glimpse does not support model architecture {archs or '(none given)'}; "
+        f"supported: {supported}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs
+# --------------------------------------------------------------------------------------------
+
+
+def _int_in(lo: int, hi: float = math.inf) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PruningSettingsError(f"{name} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            bound = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+            raise PruningSettingsError(f"{name} must be {bound}, got {value}")
+        return value
+
+    return check
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PruningSettingsError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        ok = (lo < value if lo_open else lo <= value) and value <= hi
+        if not ok or math.isnan(value):
+            raise PruningSettingsError(
+                f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}"
+            )
+        return value
+
+    return check
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise PruningSettingsError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VisionZipSettings:
+    """VisionZip (arXiv 2412.04467) budget.
+
+    LLaVA-1.5/NeXT take counts per image (per crop for NeXT): ``dominant`` tokens counting the
+    CLS token, plus ``contextual`` merged tokens; authors' splits 54+10, 108+20, 162+30.
+    Qwen2.5-VL has no CLS and images of any size, so it takes ratios of the image's token count
+    (authors' code defaults: 0.65 dominant, 0.05 contextual).
+    """
+
+    dominant: int | None = None
+    contextual: int | None = None
+    dominant_ratio: float | None = None
+    contextual_ratio: float | None = None
+
+    _CHECKS = {
+        "dominant": _int_in(1),
+        "contextual": _int_in(0),
+        "dominant_ratio": _float_in(0.0, 1.0, lo_open=True),
+        "contextual_ratio": _float_in(0.0, 1.0),
+    }
+    LLAVA_DEFAULTS = {"dominant": 54, "contextual": 10}
+    QWEN_DEFAULTS = {"dominant_ratio": 0.65, "contextual_ratio": 0.05}
+
+
+@dataclass(frozen=True)
+class GlimpseSettings:
+    """GlimpsePrune (arXiv 2508.01548) knobs; ``None`` means "as the checkpoint's config.json"."""
+
+    checkpoint: str | None = None  # local directory or HF hub id
+    threshold: float | None = None  # keep where sigmoid(logit) > threshold
+    max_ratio: float | None = None  # max_remain_ratio: at most int(r * N) kept
+    min_keep: int | None = None  # min_remain_num
+    fixed_ratio: float | None = None  # fixed_remain_ratio: plain top-k
+    layer: int | None = None  # K: prune after this (0-indexed) LLM layer
+
+    _CHECKS = {
+        "checkpoint": _str,
+        "threshold": _float_in(0.0, 1.0),
+        "max_ratio": _float_in(0.0, 1.0, lo_open=True),
+        "min_keep": _int_in(1),
+        "fixed_ratio": _float_in(0.0, 1.0, lo_open=True),
+        "layer": _int_in(0),
+    }
+
+
+_KNOB_CLASSES: dict[str, type | None] = {
+    "none": None,
+    "visionzip": VisionZipSettings,
+    "glimpse": GlimpseSettings,
+}
+
+
+def _knob_names(cls: type | None) -> list[str]:
+    return [] if cls is None else [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    method: str = "none"
+    visionzip: VisionZipSettings | None = None
+    glimpse: GlimpseSettings | None = None
+
+    # ---- parsing -----------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, method: str = "none", **knobs: Any) -> "PruningConfig":
+        """Parse user input. Knobs set to ``None`` count as not given."""
+        if not isinstance(method, str) or method.lower() not in METHODS:
+            raise PruningSettingsError(
+                f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}"
+            )
+        method = method.lower()
+        knob_cls = _KNOB_CLASSES[method]
+        valid = _knob_names(knob_cls)
+        unknown = sorted(k for k in knobs if k not in valid)
+        if unknown:
+            where = f"valid: {', '.join(valid)}" if valid else "it takes none"
+            raise PruningSettingsError(
+                f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"for method {method!r} ({where})"
+            )
+        if knob_cls is None:
+            return cls(method=method)
+        checks = knob_cls._CHECKS
+        values = {k: checks[k](k, v) for k, v in knobs.items() if v is not None}
+        return cls(method=method, **{method: knob_cls(**values)})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PruningConfig":
+        if not data:
+            return cls()
+        data = dict(data)
+        method = data.pop("method", "none")
+        return cls.parse(method, **data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        knobs = getattr(self, self.method, None) if self.method != "none" else None
+        if knobs is not None:
+            out.update({k: v for k, v in dataclasses.asdict(knobs).items() if v is not None})
+        return out
+
+    # ---- model-dependent checks ----------------------------------------------------------------
+
+    def validate_for_model(self, hf_config: Any) -> ModelVariant:
+        """Check that the model supports this config; return our variant of the model."""
+        variant = variant_for(hf_config)
+        if self.method not in variant.methods:
+            raise PruningSettingsError(
+                f"pruning method {self.method!r} is not available for {variant.display_name} "
+                f"({variant.base_arch}); available: {', '.join(variant.methods)}"
+            )
+        if variant.base_arch.startswith("Llava"):
+            vision_type = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+            if vision_type != "clip_vision_model":
+                raise PruningSettingsError(
+                    f"vllm-glimpse supports LLaVA models with a CLIP vision tower; this model's "
+                    f"vision tower is {vision_type!r}"
+                )
+        if self.method == "visionzip":
+            self._validate_visionzip(variant, hf_config)
+        return variant
+
+    def _validate_visionzip(self, variant: ModelVariant, hf_config: Any) -> None:
+        knobs = self.visionzip or VisionZipSettings()
+        if variant.base_arch.startswith("Llava"):
+            wrong = [k for k in ("dominant_ratio", "contextual_ratio") if getattr(knobs, k) is not None]
+            if wrong:
+                raise PruningSettingsError(
+                    f"visionzip on {variant.display_name} takes token counts (dominant, "
+                    f"contextual), not {', '.join(wrong)}"
+                )
+            if not isinstance(hf_config.vision_feature_layer, int):
+                raise PruningSettingsError(
+                    "visionzip needs a single vision_feature_layer; this model concatenates "
+                    f"layers {hf_config.vision_feature_layer}"
+                )
+            dominant, contextual = visionzip_budget(hf_config, self)
+            available = clip_num_tokens(hf_config)
+            if dominant + contextual > available:
+                raise PruningSettingsError(
+                    f"visionzip dominant + contextual = {dominant} + {contextual} exceeds the "
+                    f"{available} tokens (CLS included) the vision tower makes per image"
+                )
+        else:
+            wrong = [k for k in ("dominant", "contextual") if getattr(knobs, k) is not None]
+            if wrong:
+                raise PruningSettingsError(
+                    f"visionzip on {variant.display_name} takes ratios of each image's tokens "
+                    f"(dominant_ratio, contextual_ratio), not {', '.join(wrong)}"
+                )
+
+
+def clip_num_tokens(hf_config: Any) -> int:
+    """Tokens the CLIP tower of a LLaVA model produces per image (or crop), CLS included."""
+    vision = hf_config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+def visionzip_budget(hf_config: Any, config: "PruningConfig | None" = None) -> tuple[int, int] | None:
+    """(dominant, contextual) per image (per crop on NeXT) for LLaVA models running VisionZip,
+    else None."""
+    config = pruning_config_of(hf_config) if config is None else config
+    if config.method != "visionzip" or not variant_for(hf_config).base_arch.startswith("Llava"):
+        return None
+    knobs = config.visionzip or VisionZipSettings()
+    defaults = VisionZipSettings.LLAVA_DEFAULTS
+    dominant = knobs.dominant if knobs.dominant is not None else defaults["dominant"]
+    contextual = knobs.contextual if knobs.contextual is not None else defaults["contextual"]
+    return dominant, contextual
+
+
+def pruning_config_of(hf_config: Any) -> PruningConfig:
+    """The PruningConfig a model or processor runs with (method ``none`` when absent)."""
+    return PruningConfig.from_dict(getattr(hf_config, SETTINGS_ATTR, None))
+
+
+@dataclass(frozen=True)
+class PruningOverrides:
+    """``hf_overrides`` callable: validate against the model, switch to our variant, store.
+
+    ``extra`` holds the user's own ``hf_overrides`` dict, applied first.
+    """
+
+    config: PruningConfig
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, hf_config: Any) -> Any:
+        # vLLM 0.32 first calls an hf_overrides callable on a placeholder config
+        # (architectures=[""], model_type="dummy_<type>") only to learn whether it changes
+        # model_type (HFConfigParser.parse); we never do, so hand the placeholder back untouched.
+        if list(getattr(hf_config, "architectures", None) or []) == [""]:
+            return hf_config
+        if self.extra:
+            hf_config.update(dict(self.extra))
+        variant = self.config.validate_for_model(hf_config)
+        hf_config.architectures = [variant.arch]
+        setattr(hf_config, SETTINGS_ATTR, self.config.to_dict())
+        return hf_config
+
+
+def engine_kwargs(
+    method: str = "none", *, hf_overrides: Mapping[str, Any] | None = None, **knobs: Any
+) -> dict[str, Any]:
+    """Keyword arguments that make ``vllm.LLM`` / ``EngineArgs`` run with pruning.
+
+    Example: ``LLM(model=..., **engine_kwargs(method="visionzip", dominant=54, contextual=10))``.
+    Raises PruningSettingsError for an unknown method or knob or an out-of-range value; a model
+    the method does not support is reported when the engine reads the model's config.
+    """
+    if hf_overrides is not None and not isinstance(hf_overrides, Mapping):
+        raise PruningSettingsError(
+            "engine_kwargs(hf_overrides=...) takes a dict; a callable cannot be combined"
+        )
+    config = PruningConfig.parse(method, **knobs)
+    return {"hf_overrides": PruningOverrides(config, dict(hf_overrides or {}))}

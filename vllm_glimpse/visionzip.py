@@ -1,0 +1,104 @@
+"""VisionZip (arXiv 2412.04467): where the keep decision is made, for every model.
+
+Given, per image, the vision tokens' hidden states, an importance score per token and the keys
+used for similarity, keep the ``dominant`` highest-scoring tokens in their original order and
+merge the rest into ``contextual`` tokens. This follows the authors' code
+(github.com/dvlab-research/VisionZip, ``visionzip/clip_encoder.py``):
+
+- dominant: top-k of the score; ties broken towards the lower index (``torch.topk`` order is
+  not specified for ties, so we sort by (score desc, index asc) to make it deterministic);
+  kept tokens stay in raster order;
+- contextual, from the R remaining tokens in raster order: L2-normalised keys, targets at a
+  uniform stride ``step = max(1, R // C)`` (the first C of ``range(0, R, step)``), each other
+  token assigned to its most similar target (cosine; first target on ties, like argmax), merged
+  token = target hidden + mean of its members' hiddens (a target with no members stays as is).
+
+The model-specific parts (which layer's attention gives the score, CLS handling, positions)
+live in the model files; this module only sees tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisionZipResult:
+    tokens: torch.Tensor  # [D + C, H]: dominant tokens in original order, then contextual
+    dominant_index: torch.Tensor  # [D] sorted original indices of the dominant tokens
+    target_index: torch.Tensor  # [C] original indices of the contextual targets
+    assignment: torch.Tensor  # [R - C] for each merged (non-target) remaining token: its target
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties towards the lower index, returned sorted."""
+    n = scores.shape[-1]
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    # Stable descending sort gives equal scores in index order.
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def contextual_targets(num_remaining: int, contextual: int, device=None) -> torch.Tensor:
+    """Positions (within the remaining tokens) of the contextual targets: uniform stride."""
+    if contextual == 0 or num_remaining == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    step = max(1, num_remaining // contextual)
+    return torch.arange(0, num_remaining, step, device=device)[:contextual]
+
+
+def merge_contextual(
+    hidden: torch.Tensor, keys: torch.Tensor, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge R tokens into C contextual tokens.
+
+    hidden [R, H], keys [R, Dk] (not yet normalised). Returns (merged [C, H], target positions
+    [C] within the R tokens, assignment [R - C] target slot 0..C-1 of each non-target token).
+    """
+    num_remaining = hidden.shape[0]
+    targets = contextual_targets(num_remaining, contextual, hidden.device)
+    if targets.numel() == 0:
+        return hidden.new_zeros(0, hidden.shape[1]), targets, targets
+    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    normed = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+    similarity = normed[~is_target] @ normed[targets].T  # [R - C, C]
+    assignment = similarity.argmax(dim=-1)
+    members = hidden[~is_target].float()
+    sums = torch.zeros(targets.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, assignment, members)
+    counts = torch.bincount(assignment, minlength=targets.numel()).clamp(min=1)
+    merged = hidden[targets].float() + sums / counts[:, None].float()
+    return merged.to(hidden.dtype), targets, assignment
+
+
+def visionzip(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    always_keep: torch.Tensor | None = None,
+) -> VisionZipResult:
+    """VisionZip for one image.
+
+    hidden [N, H], scores [N], keys [N, Dk]. ``always_keep`` (indices) are counted in
+    ``dominant`` and kept regardless of score: LLaVA's CLS token, which VisionZip always keeps.
+    """
+    n = hidden.shape[0]
+    if dominant + contextual > n:
+        raise ValueError(f"VisionZip budget {dominant}+{contextual} exceeds the {n} tokens")
+    scores = scores.float()
+    if always_keep is not None and always_keep.numel():
+        scores = scores.clone()
+        scores[always_keep] = float("inf")
+    dominant_index = topk_indices(scores, dominant)
+    is_dominant = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    is_dominant[dominant_index] = True
+    remaining = torch.nonzero(~is_dominant).squeeze(-1)
+    merged, targets, assignment = merge_contextual(hidden[remaining], keys[remaining], contextual)
+    tokens = torch.cat([hidden[dominant_index], merged], dim=0)
+    return VisionZipResult(tokens, dominant_index, remaining[targets], assignment)
