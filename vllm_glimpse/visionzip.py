@@ -67,12 +67,31 @@ def merge_contextual(
     normed = keys.float() / keys.float().norm(dim=-1, keepdim=True)
     similarity = normed[~is_target] @ normed[targets].T  # [R - C, C]
     assignment = similarity.argmax(dim=-1)
-    members = hidden[~is_target].float()
-    sums = torch.zeros(targets.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, assignment, members)
-    counts = torch.bincount(assignment, minlength=targets.numel()).clamp(min=1)
-    merged = hidden[targets].float() + sums / counts[:, None].float()
-    return merged.to(hidden.dtype), targets, assignment
+    merged = segment_mean_merge(hidden[targets], hidden[~is_target], assignment)
+    return merged, targets, assignment
+
+
+def segment_mean_merge_reference(
+    targets: torch.Tensor, members: torch.Tensor, assignment: torch.Tensor
+) -> torch.Tensor:
+    """targets [C, H] + per-target mean of members [M, H] assigned by assignment [M] (torch)."""
+    sums = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    sums.index_add_(0, assignment, members.float())
+    counts = torch.bincount(assignment, minlength=targets.shape[0]).clamp(min=1)
+    return (targets.float() + sums / counts[:, None].float()).to(targets.dtype)
+
+
+def segment_mean_merge(
+    targets: torch.Tensor, members: torch.Tensor, assignment: torch.Tensor
+) -> torch.Tensor:
+    """The contextual merge: the C++ op from csrc/ on CPU where it builds, else torch."""
+    if targets.device.type == "cpu":
+        from vllm_glimpse.cpu_ops import cpu_ops
+
+        ops = cpu_ops()
+        if ops is not None:
+            return ops.contextual_merge(members, assignment, targets)
+    return segment_mean_merge_reference(targets, members, assignment)
 
 
 def visionzip(
