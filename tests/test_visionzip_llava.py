@@ -54,34 +54,10 @@ def test_selection_and_merge_match_reference(hf_llava, dominant, contextual):
         torch.testing.assert_close(got.tokens, want[i], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dominant, contextual", [(54, 10), (162, 30)])
-def test_greedy_tokens_match_hf_reference(tiny_models, hf_llava, dominant, contextual):
-    model, processor = hf_llava
+def _assert_engine_matches_reference(path, model, processor, reference, dominant, contextual):
+    """vLLM + plugin greedy tokens == HF + ``reference`` on the mixed batch (images of several
+    sizes, a two-image prompt, text-only prompts in one batch)."""
     specs = mixed_batch()
-    llm = make_llm(tiny_models["llava"], method="visionzip",
-                   knobs={"dominant": dominant, "contextual": contextual})
-    try:
-        tokenizer = llm.get_tokenizer()
-        ours = generate_tokens(llm, specs, MAX_TOKENS)
-    finally:
-        shutdown(llm)
-
-    for i, spec in enumerate(specs):
-        request = build_request(tokenizer, spec)
-        images = [img.build() for img in spec.images]
-        want = llava_generate(model, processor, request["prompt"], images, dominant, contextual,
-                              MAX_TOKENS)
-        assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
-
-
-@pytest.mark.slow
-def test_llava_next_greedy_tokens_match_hf_reference(tiny_models):
-    path = tiny_models["llava_next"]
-    model = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
-    processor = AutoProcessor.from_pretrained(path)
-    specs = mixed_batch()
-    dominant, contextual = 54, 10
     llm = make_llm(path, method="visionzip", knobs={"dominant": dominant, "contextual": contextual})
     try:
         tokenizer = llm.get_tokenizer()
@@ -91,6 +67,22 @@ def test_llava_next_greedy_tokens_match_hf_reference(tiny_models):
     for i, spec in enumerate(specs):
         request = build_request(tokenizer, spec)
         images = [img.build() for img in spec.images]
-        want = llava_next_generate(model.eval(), processor, request["prompt"], images, dominant,
-                                   contextual, MAX_TOKENS)
+        want = reference(model, processor, request["prompt"], images, dominant, contextual,
+                         MAX_TOKENS)
         assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dominant, contextual", [(54, 10), (162, 30)])
+def test_greedy_tokens_match_hf_reference(tiny_models, hf_llava, dominant, contextual):
+    model, processor = hf_llava
+    _assert_engine_matches_reference(tiny_models["llava"], model, processor, llava_generate,
+                                     dominant, contextual)
+
+
+@pytest.mark.slow
+def test_llava_next_greedy_tokens_match_hf_reference(tiny_models):
+    path = tiny_models["llava_next"]
+    model = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    _assert_engine_matches_reference(path, model.eval(), AutoProcessor.from_pretrained(path),
+                                     llava_next_generate, 54, 10)
