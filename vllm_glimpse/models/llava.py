@@ -18,7 +18,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_glimpse.models.common import PruningHashMixin, clip_tower_with_visionzip_inputs
-from vllm_glimpse.settings import pruning_config_of, visionzip_budget
+from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
 
@@ -43,7 +43,6 @@ class GlimpseLlavaMultiModalProcessor(PruningHashMixin, LlavaMultiModalProcessor
 class GlimpseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.pruning = pruning_config_of(vllm_config.model_config.hf_config)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):

@@ -25,7 +25,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_glimpse.models.common import PruningHashMixin, clip_tower_with_visionzip_inputs
-from vllm_glimpse.settings import pruning_config_of, visionzip_budget
+from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
 
@@ -55,7 +55,6 @@ class GlimpseLlavaNextMultiModalProcessor(PruningHashMixin, LlavaNextMultiModalP
 class GlimpseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.pruning = pruning_config_of(vllm_config.model_config.hf_config)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
 
     def _process_image_input(self, image_input):
