@@ -105,3 +105,27 @@ def test_llava_with_non_clip_tower_is_rejected():
     with pytest.raises(PruningSettingsError) as info:
         PruningOverrides(PruningConfig())(_llava_config(SiglipVisionConfig()))
     assert "CLIP vision tower" in str(info.value) and "siglip_vision_model" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"dominant": 54}, "visionzip on Qwen2.5-VL takes ratios of each image's tokens"),
+        ({"dominant_ratio": 0.9, "contextual_ratio": 0.2},
+         "dominant_ratio + contextual_ratio = 0.9 + 0.2 exceeds 1"),
+    ],
+)
+def test_qwen_visionzip_settings_are_checked_against_the_model(knobs, message):
+    with pytest.raises(PruningSettingsError) as info:
+        PruningOverrides(PruningConfig.parse("visionzip", **knobs))(_qwen_config())
+    assert message in str(info.value)
+
+
+def test_qwen_visionzip_defaults_are_the_authors():
+    from vllm_glimpse.settings import visionzip_budget, visionzip_ratios
+
+    out = PruningOverrides(PruningConfig.parse("visionzip"))(_qwen_config())
+    assert visionzip_ratios(out) == (0.65, 0.05)
+    assert visionzip_budget(out) is None  # counts are LLaVA's
+    out = PruningOverrides(PruningConfig.parse("visionzip", dominant_ratio=0.45))(_qwen_config())
+    assert visionzip_ratios(out) == (0.45, 0.05)

@@ -52,7 +52,7 @@ VARIANTS: dict[str, ModelVariant] = {
             "Qwen2_5_VLForConditionalGeneration",
             "GlimpseQwen2_5_VLForConditionalGeneration",
             "vllm_glimpse.models.qwen2_5_vl:GlimpseQwen2_5_VLForConditionalGeneration",
-            ("none",),
+            ("none", "visionzip"),
             "Qwen2.5-VL",
         ),
         ModelVariant(
@@ -279,6 +279,12 @@ class PruningConfig:
                     f"visionzip on {variant.display_name} takes ratios of each image's tokens "
                     f"(dominant_ratio, contextual_ratio), not {', '.join(wrong)}"
                 )
+            dominant_ratio, contextual_ratio = visionzip_ratios(hf_config, self)
+            if dominant_ratio + contextual_ratio > 1.0:
+                raise PruningSettingsError(
+                    f"visionzip dominant_ratio + contextual_ratio = {dominant_ratio} + "
+                    f"{contextual_ratio} exceeds 1 (they are shares of each image's tokens)"
+                )
 
 
 def clip_num_tokens(hf_config: Any) -> int:
@@ -297,6 +303,39 @@ def visionzip_budget(hf_config: Any, config: "PruningConfig | None" = None) -> t
     defaults = VisionZipSettings.LLAVA_DEFAULTS
     dominant = knobs.dominant if knobs.dominant is not None else defaults["dominant"]
     contextual = knobs.contextual if knobs.contextual is not None else defaults["contextual"]
+    return dominant, contextual
+
+
+def visionzip_ratios(
+    hf_config: Any, config: "PruningConfig | None" = None
+) -> tuple[float, float] | None:
+    """(dominant_ratio, contextual_ratio) for Qwen2.5-VL running VisionZip, else None."""
+    config = pruning_config_of(hf_config) if config is None else config
+    if config.method != "visionzip" or variant_for(hf_config).base_arch.startswith("Llava"):
+        return None
+    knobs = config.visionzip or VisionZipSettings()
+    defaults = VisionZipSettings.QWEN_DEFAULTS
+    dominant = knobs.dominant_ratio
+    contextual = knobs.contextual_ratio
+    return (
+        defaults["dominant_ratio"] if dominant is None else dominant,
+        defaults["contextual_ratio"] if contextual is None else contextual,
+    )
+
+
+def visionzip_counts(num_tokens: int, dominant_ratio: float, contextual_ratio: float) -> tuple[int, int]:
+    """(dominant, contextual) token counts for an image of ``num_tokens`` tokens (Qwen2.5-VL).
+
+    The authors' Qwen2.5-VL code keeps ``int(N * 0.65)`` dominant and
+    ``max(int(N * 0.05), 1)`` contextual tokens (DESIGN.md §2). Beyond their rule: a contextual
+    ratio of 0 means no contextual token; D + C never exceeds N (C gives way); at least one token
+    is kept.
+    """
+    dominant = int(num_tokens * dominant_ratio)
+    contextual = max(int(num_tokens * contextual_ratio), 1) if contextual_ratio > 0 else 0
+    contextual = min(contextual, num_tokens - dominant)
+    if dominant + contextual == 0:
+        dominant = 1
     return dominant, contextual
 
 

@@ -151,3 +151,132 @@ def llava_next_generate(model, processor, prompt, images, dominant, contextual, 
         else:
             pieces.append(text_embed(torch.tensor([tok])))
     return greedy_from_embeds(model, torch.cat(pieces)[None], max_new_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2.5-VL (authors' Qwen2_5_VL/qwen2_5vl_visionzip.py: batch size 1, post-merger selection)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def qwen_vit_capture(visual, pixel_values, grid_thw):
+    """Run the HF ViT on one image; return its merger output [N, E] (raster order), the last
+    full-attention block's post-RoPE query and key [heads, S, head_dim] (window order), and the
+    permutation from window order back to raster order of the merged tokens."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    block = visual.blocks[max(visual.config.fullatt_block_indexes)]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["cos_sin"] = kwargs["position_embeddings"]
+
+    hook = block.attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        image_embeds = visual(pixel_values, grid_thw=grid_thw).pooler_output
+    finally:
+        hook.remove()
+    attn = block.attn
+    seq = captured["hidden"].shape[0]
+    q, k, _ = attn.qkv(captured["hidden"]).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *captured["cos_sin"])
+    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size,
+                                              visual.window_size, visual.patch_size)
+    return image_embeds, q.transpose(0, 1), k.transpose(0, 1), torch.argsort(window_index)
+
+
+@torch.no_grad()
+def qwen_visionzip_image(visual, pixel_values, grid_thw, dominant_ratio, contextual_ratio):
+    """VisionZip of one Qwen2.5-VL image on the HF ViT: (tokens [D + C, E], dominant indices,
+    contextual target indices), indices into the image's post-merger tokens in raster order.
+
+    Score: the softmax attention each token receives in the last full-attention block, averaged
+    over heads, summed over queries, averaged over the 2x2 merge group, put back in raster order.
+    Keys: that block's post-RoPE keys averaged over the merge group, then over heads.
+    """
+    image_embeds, q, k, reverse_indices = qwen_vit_capture(visual, pixel_values, grid_thw)
+    seq, unit = q.shape[1], visual.spatial_merge_unit
+    scaling = q.shape[-1] ** -0.5
+    attn_weights = torch.softmax(q @ k.transpose(1, 2) * scaling, dim=-1)  # one image: full S x S
+    attn_logits = attn_weights.mean(dim=0).sum(dim=0).view(seq // unit, unit).mean(-1)[reverse_indices]
+    metric = k.reshape(k.shape[0], seq // unit, unit, -1).mean(2)[:, reverse_indices].mean(0)
+
+    n = image_embeds.shape[0]
+    dominant_num = int(n * dominant_ratio)
+    contextual_num = max(int(n * contextual_ratio), 1) if contextual_ratio > 0 else 0
+    contextual_num = min(contextual_num, n - dominant_num)
+    dominant_idx = attn_logits.topk(dominant_num).indices.sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[dominant_idx] = False
+    dominant_tokens = image_embeds[~mask]
+    if contextual_num == 0:
+        return dominant_tokens, dominant_idx, torch.empty(0, dtype=torch.long)
+    rest_idx = torch.nonzero(mask).squeeze(-1)
+    metric_filtered = metric[mask]
+    hidden_filtered = image_embeds[mask]
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, rest_idx.numel() // contextual_num)
+    target_indices = torch.arange(0, rest_idx.numel(), step)[:contextual_num]
+    not_target = ~torch.isin(torch.arange(rest_idx.numel()), target_indices)
+    similarity = metric_normalized[not_target] @ metric_normalized[target_indices].T
+    assign_one_hot = torch.zeros(int(not_target.sum()), contextual_num, dtype=hidden_filtered.dtype)
+    assign_one_hot.scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
+    counts = assign_one_hot.sum(dim=0).clamp(min=1).unsqueeze(-1)
+    aggregated = assign_one_hot.T @ hidden_filtered[not_target] / counts
+    contextual_tokens = hidden_filtered[target_indices] + aggregated
+    return torch.cat([dominant_tokens, contextual_tokens]), dominant_idx, rest_idx[target_indices]
+
+
+@torch.no_grad()
+def qwen_generate(model, processor, prompt, images, dominant_ratio, contextual_ratio, max_new_tokens):
+    """Greedy tokens of HF Qwen2.5-VL with VisionZip: each image's tokens replaced by its kept and
+    contextual tokens; every kept token at its original (t, h, w) position, a contextual token at
+    its target's, text positions as in the unpruned prompt; decoding continues from max + 1."""
+    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    ids = inputs.input_ids
+    lm = model.model
+    if images:
+        positions, _ = lm.get_rope_index(ids, inputs.mm_token_type_ids, inputs.image_grid_thw)
+    else:
+        positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    positions = positions[:, 0]  # [3, L]
+    embeds = lm.get_input_embeddings()(ids[0])
+    is_image = ids[0] == model.config.image_token_id
+    pieces, piece_positions, i, k = [], [], 0, 0
+    pixel_offset = 0
+    while i < ids.shape[1]:
+        if not is_image[i]:
+            pieces.append(embeds[i:i + 1])
+            piece_positions.append(positions[:, i:i + 1])
+            i += 1
+            continue
+        grid = inputs.image_grid_thw[k:k + 1]
+        num_patches = int(grid.prod())
+        pixels = inputs.pixel_values[pixel_offset:pixel_offset + num_patches]
+        tokens, dominant_idx, target_idx = qwen_visionzip_image(
+            lm.visual, pixels, grid, dominant_ratio, contextual_ratio)
+        num_image_tokens = num_patches // lm.visual.spatial_merge_unit
+        pieces.append(tokens)
+        piece_positions.append(positions[:, i + torch.cat([dominant_idx, target_idx])])
+        i += num_image_tokens
+        pixel_offset += num_patches
+        k += 1
+    inputs_embeds = torch.cat(pieces)[None]
+    position_ids = torch.cat(piece_positions, dim=1)[:, None]  # [3, 1, L']
+
+    def logits(hidden):
+        return model.lm_head(hidden[:, -1])
+
+    out = lm.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True)
+    next_position = int(position_ids.max()) + 1
+    tokens = [int(logits(out.last_hidden_state).argmax())]
+    past = out.past_key_values
+    for step in range(max_new_tokens - 1):
+        step_position = torch.full((3, 1, 1), next_position + step)
+        out = lm.language_model(input_ids=torch.tensor([[tokens[-1]]]), position_ids=step_position,
+                                past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tokens.append(int(logits(out.last_hidden_state).argmax()))
+    return tokens

@@ -1,10 +1,305 @@
-"""Our variant of vLLM's Qwen2.5-VL. With method ``none`` it is vLLM's model unchanged; the
-pruning methods for it are not implemented yet (settings.VARIANTS lists what each model runs)."""
+"""Our variant of vLLM's Qwen2.5-VL: VisionZip on the ViT output.
+
+ProcessingInfo (vLLM's) → MultiModalProcessor (each image's placeholder count from the VisionZip
+ratios, hashes salted with the settings) → Model (runs the ViT collecting what VisionZip reads,
+keeps D + C tokens per image at their original M-RoPE positions). With method ``none`` every
+piece defers to vLLM's own.
+
+Positions. Qwen2.5-VL gives image tokens 3-D (t, h, w) M-RoPE positions. After pruning, each kept
+token keeps the position it had in the unpruned layout, a contextual token sits at its target's
+position, and the text after the image continues where it would have without pruning.
+``get_mrope_input_positions`` runs when a request arrives, before its images are encoded, so it
+cannot know which tokens survive: it places all text exactly (each image advances the position
+by its unpruned extent) and gives image tokens a provisional position. The embeddings carry 3
+extra channels, each token's image-local (t, h, w); the runner hands them to
+``recompute_mrope_positions`` in the step that gathers them (switched on for this model by
+``vllm_glimpse.patches.enable_mrope_recompute_for_pruned_images``), which strips them and writes
+the image tokens' final positions.
+"""
 
 from __future__ import annotations
 
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from vllm_glimpse.models.common import PruningHashMixin
+from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
+from vllm_glimpse.visionzip import visionzip
+
+# Queries per chunk when scoring: the [heads, chunk, S] probabilities of one chunk are the
+# largest temporary (16 heads x 1024 x 16k tokens x 4 B = 1 GiB for a 16k-patch image on 7B).
+SCORE_QUERY_CHUNK = 1024
 
 
+class GlimpseQwen2_5_VLMultiModalProcessor(PruningHashMixin, Qwen2_5_VLMultiModalProcessor):
+    def _get_prompt_updates(
+        self,
+        mm_items,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        hf_config = self.info.get_hf_config()
+        ratios = visionzip_ratios(hf_config)
+        if ratios is None:
+            return updates
+        merge_unit = hf_config.vision_config.spatial_merge_size**2
+
+        def image_replacement(item_idx: int, image_token: list[int]):
+            item = out_mm_kwargs["image"][item_idx]
+            if "image_grid_thw" not in item or "pixel_values" not in item:
+                raise ValueError(
+                    "VisionZip on Qwen2.5-VL needs pixel images: it scores each token by the "
+                    "ViT's attention, so precomputed image_embeds cannot be pruned"
+                )
+            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
+            return image_token * sum(visionzip_counts(num_tokens, *ratios))
+
+        return [
+            PromptReplacement(
+                modality="image",
+                target=update.target,
+                replacement=lambda i, token=list(update.target): image_replacement(i, token),
+            )
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlimpseQwen2_5_VLMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
 class GlimpseQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    pass
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.visionzip_ratios = visionzip_ratios(vllm_config.model_config.hf_config)
+        # Read by the runner patch: pruned images need their positions re-placed.
+        self.needs_mrope_recompute = self.visionzip_ratios is not None
+        if self.visionzip_ratios is not None:
+            if self.use_data_parallel or self.visual.blocks[0].attn.tp_size > 1:
+                raise PruningSettingsError(
+                    "visionzip on Qwen2.5-VL needs the whole vision encoder on one device "
+                    "(tensor_parallel_size 1): it scores tokens with all attention heads"
+                )
+            # vLLM's own flag for models whose embeddings carry positions: it also keeps the
+            # encoder out of CUDA graphs, which would bypass embed_multimodal.
+            self.is_multimodal_pruning_enabled = True
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object):
+        if self.visionzip_ratios is None:
+            return super().embed_multimodal(**kwargs)
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "image":
+                embeddings += self._visionzip_images(inputs)
+            else:  # videos are not pruned; they carry their positions like the images do
+                embeddings += self._videos_with_positions(inputs)
+        return embeddings
+
+    def _visionzip_images(self, image_input) -> tuple[torch.Tensor, ...]:
+        grid_thw = image_input["image_grid_thw"].tolist()
+        merged, scores, keys = qwen_vit_with_visionzip_inputs(
+            self.visual, image_input["pixel_values"], grid_thw)
+        merge = self.visual.spatial_merge_size
+        sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
+        out = []
+        for tokens, score, key, (t, h, w) in zip(
+            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw
+        ):
+            dominant, contextual = visionzip_counts(tokens.shape[0], *self.visionzip_ratios)
+            result = visionzip(tokens, score, key, dominant, contextual)
+            positions = media_positions(t, h // merge, w // merge).to(tokens.device)
+            # Dominant tokens at their own positions, contextual ones at their targets'.
+            kept = torch.cat([result.dominant_index, result.target_index])
+            out.append(torch.cat([result.tokens, positions[kept].to(tokens.dtype)], dim=1))
+        return tuple(out)
+
+    def _videos_with_positions(self, video_input) -> tuple[torch.Tensor, ...]:
+        merge = self.visual.spatial_merge_size
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = video_input.get("second_per_grid_ts")
+        out = []
+        for i, (emb, (t, h, w)) in enumerate(
+            zip(self._process_video_input(video_input), video_input["video_grid_thw"].tolist())
+        ):
+            # The temporal step as get_mrope_input_positions computes it for videos.
+            t_factor = (float(seconds[i]) if seconds is not None else 1.0) * tokens_per_second
+            positions = media_positions(t, h // merge, w // merge, t_factor).to(emb.device)
+            out.append(torch.cat([emb, positions.to(emb.dtype)], dim=1))
+        return tuple(out)
+
+    # ---- positions --------------------------------------------------------------------------
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.visionzip_ratios is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        positions = np.empty((3, len(input_tokens)), dtype=np.int64)
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        next_position, start = 0, 0
+        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
+            positions[:, start:offset] = np.arange(offset - start) + next_position
+            next_position += offset - start
+            # Provisional: the runner re-places these once the image is encoded.
+            end = offset + feature.mm_position.length
+            positions[:, offset:end] = next_position
+            next_position += media_extent(t, h, w, t_factor)
+            start = end
+        positions[:, start:] = np.arange(len(input_tokens) - start) + next_position
+        delta = int(positions.max()) + 1 - len(input_tokens) if len(input_tokens) else 0
+        return torch.from_numpy(positions), delta
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
+                                  num_computed_tokens):
+        """Strip the position channels off this step's media embeddings and write those tokens'
+        final positions: the media item's base (one past its vision-start token) + the token's
+        image-local (t, h, w).
+
+        vLLM's generic version re-derives everything from the step boundary and mistakes a step
+        that starts after a finished image for the continuation of that image (vLLM 0.32,
+        ``multimodal/video_prune/evs.py``). Here the text positions are already exact, so only
+        the media tokens gathered in this step change: the k-th embedding row of the step is the
+        (m + k)-th media token of the prompt, m being the media tokens computed before the step.
+        """
+        if self.visionzip_ratios is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+        positions = mrope_positions.clone()
+        embeddings = [mm[:, :-3] for mm in multimodal_embeddings]
+        if not multimodal_embeddings:
+            return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
+        ids = torch.as_tensor(input_ids, device=positions.device)
+        is_media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        run_begins = is_media & ~torch.cat([is_media.new_zeros(1), is_media[:-1]])
+        run_of_token = torch.cumsum(run_begins.long(), 0) - 1
+        run_base = positions[0, torch.nonzero(run_begins).squeeze(-1) - 1] + 1
+        media_tokens = torch.nonzero(is_media).squeeze(-1)
+        first = int(is_media[:num_computed_tokens].sum())
+        local = torch.cat([mm[:, -3:] for mm in multimodal_embeddings]).long().T.to(positions.device)
+        tokens = media_tokens[first:first + local.shape[1]]
+        positions[:, tokens] = run_base[run_of_token[tokens]] + local
+        return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
+
+
+def media_extent(t: int, h: int, w: int, t_factor: float = 1.0) -> int:
+    """How far a media item of LLM grid (t, h, w) advances the position of the text after it:
+    one past its largest position on any axis (vLLM's and HF's ``get_rope_index`` rule)."""
+    return max(int((t - 1) * t_factor), h - 1, w - 1) + 1
+
+
+def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
+    """[t*h*w, 3] image-local (t, h, w) positions of a media item's tokens in raster order, as
+    ``get_mrope_input_positions`` assigns them."""
+    grid = np.indices((t, h, w)).reshape(3, -1)
+    grid[0] = (grid[0] * t_factor).astype(np.int64)
+    return torch.from_numpy(grid.T.copy())
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT with VisionZip's inputs
+# --------------------------------------------------------------------------------------------
+
+
+def qwen_vit_with_visionzip_inputs(
+    visual, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run vLLM's Qwen2.5-VL ViT and collect what VisionZip reads (DESIGN.md §2).
+
+    Returns, per post-merger token of all images, in raster order: the merger output [N, E];
+    the score, the attention the token receives in the last full-attention block (softmax
+    probabilities averaged over heads, summed over all queries of its image, averaged over its
+    2x2 merge group) [N]; and the keys of that block (post-RoPE, averaged over the merge group
+    and over heads) [N, head_dim].
+
+    The blocks are compile-wrapped, so hooks on them do not fire (DESIGN.md §3): this runs the
+    blocks itself, as ``Qwen2_5_VisionTransformer.forward`` does, and recomputes the scoring
+    block's query and key from its own ``qkv`` (one extra projection, small next to attention).
+    """
+    meta = visual.prepare_encoder_metadata(grid_thw)
+    hidden = visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)
+    hidden = visual.patch_embed(hidden)
+    seq_len, unit = hidden.shape[0], visual.spatial_merge_unit
+    # Window order: merge groups permuted so that each attention window is contiguous.
+    hidden = hidden.reshape(seq_len // unit, unit, -1)[meta["window_index"]]
+    hidden = hidden.reshape(seq_len, 1, -1)
+    cos, sin = meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"]
+    scoring_block = max(visual.fullatt_block_indexes)
+    for index, block in enumerate(visual.blocks):
+        kind = "full" if index in visual.fullatt_block_indexes else "window"
+        if index == scoring_block:
+            query, key = _rotated_query_key(block, hidden, cos, sin)
+        hidden = block(
+            hidden,
+            cu_seqlens=meta["cu_seqlens" if kind == "full" else "cu_window_seqlens"],
+            rotary_pos_emb_cos=cos,
+            rotary_pos_emb_sin=sin,
+            max_seqlen=meta[f"max_seqlen_{kind}"],
+            sequence_lengths=meta.get(f"sequence_lengths_{kind}"),
+        )
+    reverse = meta["reverse_indices"]
+    merged = visual.merger(hidden)[reverse]
+    sizes = [t * h * w for t, h, w in grid_thw]
+    scores, keys = merged_scores_and_keys(query, key, sizes, unit, reverse)
+    return merged, scores, keys
+
+
+def merged_scores_and_keys(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    image_sizes: list[int],
+    merge_unit: int,
+    reverse_indices: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the scoring block's post-RoPE query/key [S, heads, head_dim] of all images in the
+    ViT's window order to VisionZip's score [N] and keys [N, head_dim] per post-merger token in
+    raster order (N = S / merge_unit)."""
+    # Full attention runs per image, and in window order each image's patches are contiguous.
+    scale = query.shape[-1] ** -0.5
+    scores = torch.cat([
+        attention_received(q, k, scale)
+        for q, k in zip(query.split(image_sizes), key.split(image_sizes))
+    ])
+    # Each run of merge_unit patches in window order is one 2x2 merge group (one LLM token).
+    scores = scores.view(-1, merge_unit).mean(dim=-1)[reverse_indices]
+    groups = key.float().view(key.shape[0] // merge_unit, merge_unit, *key.shape[1:])
+    keys = groups.mean(dim=1)[reverse_indices].mean(dim=1)
+    return scores, keys
+
+
+def _rotated_query_key(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The block's post-RoPE query and key [S, heads, head_dim], as its attention computes them."""
+    attn = block.attn
+    qkv, _ = attn.qkv(block.norm1(hidden))  # [S, 1, 3 * heads * head_dim]
+    heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+    qk = qkv.view(qkv.shape[0], 3, heads, head_dim)[:, :2].transpose(0, 1).contiguous()
+    query, key = attn.apply_rotary_emb(qk, cos, sin).unbind(0)
+    return query, key
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
+                       chunk: int = SCORE_QUERY_CHUNK) -> torch.Tensor:
+    """Sum over queries of the head-mean softmax attention each key receives: [S] float32.
+    query/key [S, heads, head_dim]; queries in chunks, so no S x S matrix is ever built."""
+    key_t = key.float().permute(1, 2, 0)  # [heads, head_dim, S]
+    received = torch.zeros(key.shape[0], dtype=torch.float32, device=key.device)
+    for start in range(0, query.shape[0], chunk):
+        q = query[start:start + chunk].float().transpose(0, 1)  # [heads, chunk, head_dim]
+        probs = torch.softmax(torch.matmul(q, key_t) * scale, dim=-1)  # [heads, chunk, S]
+        received += probs.mean(dim=0).sum(dim=0)
+    return received

@@ -1,0 +1,188 @@
+"""VisionZip on Qwen2.5-VL: selection against the independent HF reference, M-RoPE positions of
+the pruned layout against the unpruned one (through vLLM's own position recompute), and greedy
+tokens of vLLM + plugin against HF transformers + reference VisionZip on the same weights."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from tests.reference.visionzip_hf import qwen_generate, qwen_visionzip_image, qwen_vit_capture
+from vllm_glimpse.settings import visionzip_counts
+from vllm_glimpse.testing.generate import generate_tokens, make_llm, shutdown
+from vllm_glimpse.testing.workloads import build_request, mixed_batch
+from vllm_glimpse.visionzip import visionzip
+
+MAX_TOKENS = 12
+RATIOS = [(0.65, 0.05), (0.45, 0.05), (0.1, 0.02), (1.0, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def hf_qwen(tiny_models):
+    path = tiny_models["qwen2_5_vl"]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def _images():
+    """448x448, 640x360 (wide), 280x504 (tall), 224x392 and 56x56 (the smallest: 4 tokens)."""
+    return [image.build() for spec in mixed_batch() for image in spec.images]
+
+
+@pytest.mark.parametrize("dominant_ratio, contextual_ratio", RATIOS)
+def test_selection_and_merge_match_reference(hf_qwen, dominant_ratio, contextual_ratio):
+    from vllm_glimpse.models.qwen2_5_vl import merged_scores_and_keys
+
+    model, processor = hf_qwen
+    visual = model.model.visual
+    for image in _images():
+        inputs = processor.image_processor(images=[image], return_tensors="pt")
+        grid = inputs.image_grid_thw
+        want_tokens, want_dominant, want_targets = qwen_visionzip_image(
+            visual, inputs.pixel_values, grid, dominant_ratio, contextual_ratio)
+
+        # Our scoring and selection on the same block's query/key (window order).
+        embeds, q, k, reverse = qwen_vit_capture(visual, inputs.pixel_values, grid)
+        scores, keys = merged_scores_and_keys(
+            q.transpose(0, 1), k.transpose(0, 1), [int(grid.prod())], visual.spatial_merge_unit,
+            reverse)
+        dominant, contextual = visionzip_counts(embeds.shape[0], dominant_ratio, contextual_ratio)
+        got = visionzip(embeds, scores, keys, dominant, contextual)
+        assert got.tokens.shape[0] == want_tokens.shape[0] == dominant + contextual
+        assert got.dominant_index.tolist() == want_dominant.tolist()
+        assert got.target_index.tolist() == want_targets.tolist()
+        torch.testing.assert_close(got.tokens, want_tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_counts_follow_the_authors_ratios():
+    assert visionzip_counts(256, 0.65, 0.05) == (166, 12)  # int(166.4), max(int(12.8), 1)
+    assert visionzip_counts(4, 0.65, 0.05) == (2, 1)  # the smallest image: C is at least 1
+    assert visionzip_counts(4, 1.0, 0.05) == (4, 0)  # D + C never exceeds N
+    assert visionzip_counts(4, 0.1, 0.0) == (1, 0)  # at least one token is kept
+    assert visionzip_counts(100, 0.5, 0.0) == (50, 0)
+
+
+# ---- positions ----------------------------------------------------------------------------
+
+
+def _qwen_stub(hf_config, ratios):
+    """Just enough of the model for its position methods (no weights, no engine)."""
+    from vllm_glimpse.models.qwen2_5_vl import GlimpseQwen2_5_VLForConditionalGeneration as Ours
+
+    stub = types.SimpleNamespace(config=hf_config, visionzip_ratios=ratios)
+    stub.iter_mm_grid_thw = types.MethodType(Ours.iter_mm_grid_thw, stub)
+    return stub
+
+
+def _prompt(config, image_lengths, text_lengths):
+    """Token ids text, (vision_start, image tokens, vision_end, text) per image, and the
+    placeholder ranges of the images."""
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    ids, ranges = [7] * text_lengths[0], []
+    for n, text in zip(image_lengths, text_lengths[1:]):
+        ids.append(config.vision_start_token_id)
+        ranges.append(PlaceholderRange(offset=len(ids), length=n))
+        ids += [config.image_token_id] * n + [config.vision_end_token_id] + [7] * text
+    return ids, ranges
+
+
+def _features(grids, ranges):
+    return [
+        types.SimpleNamespace(modality="image", mm_position=r,
+                              data={"image_grid_thw": types.SimpleNamespace(data=torch.tensor(g))})
+        for g, r in zip(grids, ranges)
+    ]
+
+
+@pytest.mark.parametrize("steps", ["one", "at_vision_start", "after_vision_start", "mid_image"])
+def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
+    """Kept image tokens sit at their original (t, h, w) positions, contextual tokens at their
+    targets', text after each image and decoding continue exactly as without pruning. Runs our
+    get_mrope_input_positions, then our recompute_mrope_positions on embeddings carrying the
+    position channels, as the runner calls them: the whole prompt in one step, one image per
+    step (the step starting at or just after the image's vision-start token), or an image split
+    across two steps (chunked prefill)."""
+    from transformers import AutoConfig
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Vanilla
+
+    from vllm_glimpse.models.qwen2_5_vl import GlimpseQwen2_5_VLForConditionalGeneration as Ours
+    from vllm_glimpse.models.qwen2_5_vl import media_positions
+
+    config = AutoConfig.from_pretrained(tiny_models["qwen2_5_vl"])
+    grids = [[1, 32, 32], [1, 12, 22], [1, 36, 20], [1, 4, 4]]  # square, wide, tall, smallest
+    merged = [(h // 2, w // 2) for _, h, w in grids]
+    rng = np.random.default_rng(0)
+    kept = []  # per image: dominant indices (sorted) then contextual targets
+    for h, w in merged:
+        n = h * w
+        d, c = visionzip_counts(n, 0.45, 0.05)
+        perm = rng.permutation(n)
+        kept.append(np.concatenate([np.sort(perm[:d]), perm[d:d + c]]))
+    texts = [5, 3, 4, 2, 6]
+
+    full_ids, full_ranges = _prompt(config, [h * w for h, w in merged], texts)
+    vanilla = _qwen_stub(config, None)
+    full_pos, full_delta = Vanilla.get_mrope_input_positions(
+        vanilla, full_ids, _features(grids, full_ranges))
+
+    ids, ranges = _prompt(config, [len(k) for k in kept], texts)
+    ours = _qwen_stub(config, (0.45, 0.05))
+    positions, _ = Ours.get_mrope_input_positions(ours, ids, _features(grids, ranges))
+    hidden = [torch.randn(len(k), 8) for k in kept]
+    embeds = [torch.cat([x, media_positions(1, h, w)[k].float()], dim=1)
+              for x, (h, w), k in zip(hidden, merged, kept)]
+    # (tokens computed before the step, the embedding rows the step gathers), as the runner
+    # passes them.
+    if steps == "one":
+        schedule = [(0, embeds)]
+    elif steps in ("at_vision_start", "after_vision_start"):
+        shift = 1 if steps == "at_vision_start" else 0
+        schedule = [(r.offset - shift, [e]) for r, e in zip(ranges, embeds)]
+    else:
+        split = 3
+        schedule = [(0, [embeds[0][:split]]),
+                    (ranges[0].offset + split, [embeds[0][split:], *embeds[1:]])]
+    stripped = []
+    for num_computed, step_embeds in schedule:
+        out, positions, delta = Ours.recompute_mrope_positions(
+            ours, ids, step_embeds, positions, num_computed)
+        stripped += out
+    assert torch.equal(torch.cat(stripped), torch.cat(hidden))
+
+    # Expected: the unpruned positions of exactly the tokens the pruned prompt keeps.
+    keep = list(range(full_ranges[0].offset))
+    for full_range, k, nxt in zip(full_ranges, kept, full_ranges[1:] + [None]):
+        keep += (full_range.offset + k).tolist()
+        text_end = nxt.offset if nxt is not None else len(full_ids)
+        keep += range(full_range.offset + full_range.length, text_end)
+    assert positions.tolist() == full_pos[:, keep].tolist()
+    # Decoding continues at the same position: P + delta == P_full + delta_full.
+    assert len(ids) + delta == len(full_ids) + full_delta
+
+
+# ---- the engine ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dominant_ratio, contextual_ratio", [(0.65, 0.05), (0.1, 0.02)])
+def test_greedy_tokens_match_hf_reference(tiny_models, hf_qwen, dominant_ratio, contextual_ratio):
+    """vLLM + plugin == HF + reference VisionZip on the mixed batch: images of several sizes (the
+    smallest included), a two-image prompt and text-only prompts in one batch."""
+    model, processor = hf_qwen
+    specs = mixed_batch()
+    llm = make_llm(tiny_models["qwen2_5_vl"], method="visionzip",
+                   knobs={"dominant_ratio": dominant_ratio, "contextual_ratio": contextual_ratio})
+    try:
+        tokenizer = llm.get_tokenizer()
+        ours = generate_tokens(llm, specs, MAX_TOKENS)
+    finally:
+        shutdown(llm)
+    for i, spec in enumerate(specs):
+        request = build_request(tokenizer, spec)
+        images = [img.build() for img in spec.images]
+        want = qwen_generate(model, processor, request["prompt"], images, dominant_ratio,
+                             contextual_ratio, MAX_TOKENS)
+        assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
