@@ -15,13 +15,56 @@ merge the rest into ``contextual`` tokens. This follows the authors' code
 
 The model-specific parts (which layer's attention gives the score, CLS handling, positions)
 live in the model files; this module only sees tensors.
+
+Backends: on CUDA tensors, when triton is importable, :func:`topk_indices` and
+:func:`merge_contextual` run the Triton kernels of ``vllm_glimpse.kernels.visionzip_triton``
+(same results, no host sync); elsewhere the torch code below, with the C++ op from ``csrc/`` for
+the segment mean on CPU. :func:`use_backend` forces one (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
+
+_KERNELS = "vllm_glimpse.kernels.visionzip_triton"
+_BACKEND = "auto"  # "auto" | "triton" | "torch"; see use_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the backend of topk_indices / merge_contextual inside the block: "triton" (the
+    kernels, on any device: CPU tensors need the kernels module imported under
+    TRITON_INTERPRET=1), "torch" (the code in this module) or "auto" (triton on CUDA)."""
+    global _BACKEND
+    if name not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {name!r}")
+    previous, _BACKEND = _BACKEND, name
+    try:
+        yield
+    finally:
+        _BACKEND = previous
+
+
+def _kernels():
+    # Imported on first use: CPU serving never loads triton through this module. import_module
+    # (not ``from ... import``) so that the module in sys.modules is the one used.
+    return importlib.import_module(_KERNELS)
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    if _BACKEND != "auto":
+        return _BACKEND == "triton"
+    if tensor.device.type != "cuda":
+        return False
+    try:
+        return _kernels().HAS_TRITON
+    except ImportError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -34,6 +77,8 @@ class VisionZipResult:
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties towards the lower index, returned sorted."""
+    if _use_triton(scores):
+        return _kernels().topk_indices(scores, k, backend="triton")
     n = scores.shape[-1]
     if k >= n:
         return torch.arange(n, device=scores.device)
@@ -58,6 +103,8 @@ def merge_contextual(
     hidden [R, H], keys [R, Dk] (not yet normalised). Returns (merged [C, H], target positions
     [C] within the R tokens, assignment [R - C] target slot 0..C-1 of each non-target token).
     """
+    if _use_triton(hidden):
+        return _kernels().contextual_merge(hidden, keys, contextual, backend="triton")
     num_remaining = hidden.shape[0]
     targets = contextual_targets(num_remaining, contextual, hidden.device)
     if targets.numel() == 0:

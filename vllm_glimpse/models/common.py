@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.settings import pruning_config_of
 
 
@@ -54,7 +55,10 @@ def clip_tower_with_visionzip_inputs(
     batch, seq, _ = key.shape
     heads, head_dim = attn.num_heads_per_partition, attn.head_dim
     key = key.reshape(batch, seq, heads, head_dim)
-    cls_query = query[:, 0].reshape(batch, heads, head_dim)
-    logits = torch.einsum("bhd,bshd->bhs", cls_query.float(), key.float()) * attn.scale
-    cls_scores = logits.softmax(dim=-1).sum(dim=1)
+    cls_query = query[:, :1].reshape(batch, 1, heads, head_dim)
+    # The authors sum the CLS row of the softmax attention over heads.
+    cls_scores = torch.stack([
+        attention_received_scores(cls_query[i], key[i], attn.scale, reduce="sum")
+        for i in range(batch)
+    ])
     return last(hidden), cls_scores, key.mean(dim=2)

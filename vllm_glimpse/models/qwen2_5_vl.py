@@ -34,14 +34,10 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.models.common import PruningHashMixin
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
-
-# Queries per chunk when scoring: the [heads, chunk, S] probabilities of one chunk are the
-# largest temporary (16 heads x 1024 x 16k tokens x 4 B = 1 GiB for a 16k-patch image on 7B).
-SCORE_QUERY_CHUNK = 1024
-
 
 class GlimpseQwen2_5_VLMultiModalProcessor(PruningHashMixin, Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(
@@ -270,9 +266,9 @@ def merged_scores_and_keys(
     ViT's window order to VisionZip's score [N] and keys [N, head_dim] per post-merger token in
     raster order (N = S / merge_unit)."""
     # Full attention runs per image, and in window order each image's patches are contiguous.
-    scale = query.shape[-1] ** -0.5
+    # The score never builds an S x S matrix: a two-pass Triton kernel on GPU, query chunks on CPU.
     scores = torch.cat([
-        attention_received(q, k, scale)
+        attention_received_scores(q, k, reduce="mean")
         for q, k in zip(query.split(image_sizes), key.split(image_sizes))
     ])
     # Each run of merge_unit patches in window order is one 2x2 merge group (one LLM token).
@@ -290,16 +286,3 @@ def _rotated_query_key(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torc
     qk = qkv.view(qkv.shape[0], 3, heads, head_dim)[:, :2].transpose(0, 1).contiguous()
     query, key = attn.apply_rotary_emb(qk, cos, sin).unbind(0)
     return query, key
-
-
-def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
-                       chunk: int = SCORE_QUERY_CHUNK) -> torch.Tensor:
-    """Sum over queries of the head-mean softmax attention each key receives: [S] float32.
-    query/key [S, heads, head_dim]; queries in chunks, so no S x S matrix is ever built."""
-    key_t = key.float().permute(1, 2, 0)  # [heads, head_dim, S]
-    received = torch.zeros(key.shape[0], dtype=torch.float32, device=key.device)
-    for start in range(0, query.shape[0], chunk):
-        q = query[start:start + chunk].float().transpose(0, 1)  # [heads, chunk, head_dim]
-        probs = torch.softmax(torch.matmul(q, key_t) * scale, dim=-1)  # [heads, chunk, S]
-        received += probs.mean(dim=0).sum(dim=0)
-    return received
