@@ -55,6 +55,52 @@ def _wrap_load_model(runner_cls: type) -> None:
     runner_cls.load_model = load_model
 
 
+_cli_patch_installed = False
+
+
+def add_plugin_cli_flags() -> None:
+    """Give vLLM's command line our ``--plugin`` option and its ``--visionzip-*`` /
+    ``--glimpse-*`` knobs (``vllm_glimpse/cli.py``), and turn them into engine arguments.
+
+    vLLM has no flag a plugin can register. It loads general plugins (so calls our
+    ``register``) at the start of ``AsyncEngineArgs.add_cli_args``, before that calls
+    ``EngineArgs.add_cli_args``; wrapping the latter adds our option group to ``vllm serve``
+    (and every command built on engine arguments). ``EngineArgs.from_cli_args`` builds the
+    engine arguments from the parsed command line; wrapping it sets ``hf_overrides`` from our
+    options, exactly what ``engine_kwargs`` returns for ``LLM(...)``.
+    """
+    global _cli_patch_installed
+    if _cli_patch_installed:
+        return
+    _cli_patch_installed = True
+    _after_import("vllm.engine.arg_utils", lambda module: _wrap_engine_args(module.EngineArgs))
+
+
+def _wrap_engine_args(engine_args_cls: type) -> None:
+    from vllm_glimpse import cli
+
+    add_cli_args = engine_args_cls.__dict__["add_cli_args"].__func__
+    from_cli_args = engine_args_cls.__dict__["from_cli_args"].__func__
+    if getattr(add_cli_args, "_vllm_glimpse_patched", False):
+        return
+
+    @functools.wraps(add_cli_args)
+    def add_cli_args_with_ours(parser):
+        return cli.add_cli_args(add_cli_args(parser))
+
+    @functools.wraps(from_cli_args)
+    def from_cli_args_with_ours(cls, args):
+        ours = cli.engine_kwargs_from_cli(args)
+        engine_args = from_cli_args(cls, args)
+        if ours is not None:
+            engine_args.hf_overrides = ours["hf_overrides"]
+        return engine_args
+
+    add_cli_args_with_ours._vllm_glimpse_patched = True
+    engine_args_cls.add_cli_args = staticmethod(add_cli_args_with_ours)
+    engine_args_cls.from_cli_args = classmethod(from_cli_args_with_ours)
+
+
 # --------------------------------------------------------------------------------------------
 # Run a function right after a module is first imported (or now, if it already is).
 # --------------------------------------------------------------------------------------------

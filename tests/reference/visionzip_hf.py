@@ -71,12 +71,15 @@ def greedy_from_embeds(model, inputs_embeds, max_new_tokens):
 
 
 @torch.no_grad()
-def llava_generate(model, processor, prompt, images, dominant, contextual, max_new_tokens):
+def llava_generate(model, processor, prompt, images, dominant, contextual, max_new_tokens,
+                   add_special_tokens=True):
     """Greedy tokens of HF LLaVA-1.5 with VisionZip: each ``<image>`` of the prompt becomes
     dominant + contextual embeddings (projector of the VisionZip features), 1-D positions
-    contiguous as the LLaVA code builds them."""
+    contiguous as the LLaVA code builds them. ``add_special_tokens=False`` tokenizes as vLLM's
+    chat endpoint does (the chat template is trusted to hold any BOS)."""
     config = model.config
-    ids = processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
+    ids = processor.tokenizer(prompt, return_tensors="pt",
+                              add_special_tokens=add_special_tokens).input_ids[0]
     image_token = config.image_token_index
     num_tokens = dominant + contextual
     pieces, image_slots = [], []

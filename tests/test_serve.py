@@ -1,0 +1,163 @@
+"""`vllm serve <model> --plugin visionzip ...` as users type it: the options in `--help`, one-line
+errors for bad startup settings, and OpenAI-compatible chat completions with images against a
+real server on loopback, driven by the `openai` client."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tests.reference.visionzip_hf import llava_generate
+from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
+
+VLLM = str(Path(sys.executable).with_name("vllm"))
+MAX_TOKENS = 10
+
+
+def _vllm(*args, timeout=300):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_serve_help_lists_our_options():
+    out = _vllm("serve", "--help=vllm-glimpse").stdout
+    for option in ("--plugin {none,visionzip,glimpse}", "--visionzip-dominant",
+                   "--visionzip-contextual", "--visionzip-dominant-ratio", "--glimpse-checkpoint",
+                   "--glimpse-threshold", "--glimpse-max-ratio"):
+        assert option in out, option
+
+
+@pytest.mark.parametrize("case", ["range", "architecture", "wrong_knob"])
+def test_bad_startup_settings_exit_with_one_clear_line(tiny_models, tmp_path, case):
+    llava = str(tiny_models["llava"])
+    if case == "range":
+        args, want = [llava, "--plugin", "visionzip", "--visionzip-dominant", "600"], (
+            "--visionzip-dominant + --visionzip-contextual = 600 + 10 exceeds the 577 tokens")
+    elif case == "architecture":
+        (tmp_path / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 1,
+            "vocab_size": 100}))
+        args, want = [str(tmp_path), "--plugin", "visionzip"], (
+            "does not support model architecture ['LlamaForCausalLM']")
+    else:
+        args, want = [llava, "--plugin", "glimpse", "--visionzip-dominant", "5"], (
+            "--visionzip-dominant does not apply to --plugin glimpse")
+    proc = _vllm("serve", *args, "--port", str(_free_port()))
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("vllm-glimpse: error: ") and want in last_line, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ---- a real server ------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def visionzip_server(tiny_models, tmp_path_factory):
+    """`vllm serve <tiny LLaVA> --plugin visionzip --visionzip-dominant 54 --visionzip-contextual 10`."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [VLLM, "serve", str(tiny_models["llava"]), "--plugin", "visionzip",
+           "--visionzip-dominant", "54", "--visionzip-contextual", "10",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0"]
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_ready(proc, port, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_ready(proc, port, log, timeout=900):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _data_url(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def hf_llava(tiny_models):
+    path = tiny_models["llava"]
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_completion_with_two_images_equals_reference(visionzip_server, hf_llava, stream):
+    """Two base64 images in one message: the answer equals HF transformers + the reference
+    VisionZip, and the prompt holds 64 tokens per image (54 + 10) instead of 576."""
+    from openai import OpenAI
+
+    model, processor = hf_llava
+    images = [ImageSpec("checker", 640, 360, 2).build(), ImageSpec("noise", 280, 504, 3).build()]
+    question = "Compare the two images."
+    client = OpenAI(base_url=visionzip_server, api_key="unused")
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(images[0])}},
+        {"type": "image_url", "image_url": {"url": _data_url(images[1])}},
+        {"type": "text", "text": question},
+    ]}]
+    request = dict(model=client.models.list().data[0].id, messages=messages, temperature=0.0,
+                   max_tokens=MAX_TOKENS,
+                   extra_body={"ignore_eos": True, "return_token_ids": True})
+    if stream:
+        chunks = client.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True})
+        text, token_ids, usage = "", [], None
+        for chunk in chunks:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                token_ids += chunk.choices[0].model_extra.get("token_ids") or []
+            usage = chunk.usage or usage
+    else:
+        response = client.chat.completions.create(**request)
+        choice = response.choices[0]
+        text, token_ids, usage = choice.message.content, choice.model_extra["token_ids"], response.usage
+
+    # vLLM's chat endpoint renders the model's chat template and adds no BOS of its own.
+    prompt = chat_prompt(processor.tokenizer, question, 2)
+    want = llava_generate(model, processor, prompt, images, 54, 10, MAX_TOKENS,
+                          add_special_tokens=False)
+    assert token_ids == want
+    assert text.strip() == processor.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert usage.completion_tokens == MAX_TOKENS
+    ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
+    assert usage.prompt_tokens == len(ids) - 2 + 2 * 64  # each <image> became 54 + 10 tokens
