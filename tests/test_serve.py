@@ -161,3 +161,30 @@ def test_chat_completion_with_two_images_equals_reference(visionzip_server, hf_l
     assert usage.completion_tokens == MAX_TOKENS
     ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
     assert usage.prompt_tokens == len(ids) - 2 + 2 * 64  # each <image> became 54 + 10 tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["corrupt_image", "too_many_images"])
+def test_bad_image_input_is_a_400_and_the_server_keeps_serving(visionzip_server, case):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=visionzip_server, api_key="unused")
+    model = client.models.list().data[0].id
+    good = ImageSpec("gradient", 336, 336, 1).build()
+    if case == "corrupt_image":
+        urls = ["data:image/png;base64," + base64.b64encode(b"\x89PNG not really").decode()]
+        want = "image"
+    else:
+        urls = [_data_url(good)] * 3
+        want = "At most 2 image(s)"
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content.append({"type": "text", "text": "What is this?"})
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": content}])
+    assert info.value.status_code == 400 and want in str(info.value)
+    # The next request is served normally.
+    ok = client.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(good)}},
+        {"type": "text", "text": "What is this?"}]}])
+    assert ok.usage.completion_tokens == 2 and ok.usage.prompt_tokens > 64
