@@ -186,3 +186,25 @@ def test_greedy_tokens_match_hf_reference(tiny_models, hf_qwen, dominant_ratio, 
         want = qwen_generate(model, processor, request["prompt"], images, dominant_ratio,
                              contextual_ratio, MAX_TOKENS)
         assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
+
+
+def test_precomputed_image_embeds_are_refused_clearly(tiny_models):
+    """VisionZip scores tokens by the ViT's attention: an image given as embeddings cannot be
+    pruned, and the request fails in input processing (the engine never sees it)."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    import vllm_glimpse
+    from vllm_glimpse.testing.generate import TINY_ENGINE_ARGS
+
+    path = tiny_models["qwen2_5_vl"]
+    config = EngineArgs(model=str(path), **TINY_ENGINE_ARGS, enable_mm_embeds=True,
+                        **vllm_glimpse.engine_kwargs("visionzip")).create_engine_config()
+    hidden = config.model_config.hf_config.text_config.hidden_size
+    prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>Describe.",
+              "multi_modal_data": {"image": {"image_embeds": torch.zeros(16, hidden),
+                                             "image_grid_thw": torch.tensor([[1, 8, 8]])}}}
+    with pytest.raises(ValueError, match="VisionZip on Qwen2.5-VL needs pixel images"):
+        InputProcessor(config).process_inputs("r", prompt, SamplingParams(max_tokens=1),
+                                              ("generate",))
