@@ -76,24 +76,28 @@ def _qwen_stub(hf_config, ratios):
     return stub
 
 
-def _prompt(config, image_lengths, text_lengths):
-    """Token ids text, (vision_start, image tokens, vision_end, text) per image, and the
-    placeholder ranges of the images."""
+def _prompt(config, items, lengths, text_lengths):
+    """Token ids text, (vision_start, media tokens, vision_end, text) per media item, and the
+    placeholder ranges of the items."""
     from vllm.multimodal.inputs import PlaceholderRange
 
     ids, ranges = [7] * text_lengths[0], []
-    for n, text in zip(image_lengths, text_lengths[1:]):
+    for (modality, _), n, text in zip(items, lengths, text_lengths[1:]):
+        token = config.image_token_id if modality == "image" else config.video_token_id
         ids.append(config.vision_start_token_id)
         ranges.append(PlaceholderRange(offset=len(ids), length=n))
-        ids += [config.image_token_id] * n + [config.vision_end_token_id] + [7] * text
+        ids += [token] * n + [config.vision_end_token_id] + [7] * text
     return ids, ranges
 
 
-def _features(grids, ranges):
+def _features(items, ranges):
+    one = types.SimpleNamespace(data=torch.tensor(1.0))  # second_per_grid_ts of the video
     return [
-        types.SimpleNamespace(modality="image", mm_position=r,
-                              data={"image_grid_thw": types.SimpleNamespace(data=torch.tensor(g))})
-        for g, r in zip(grids, ranges)
+        types.SimpleNamespace(
+            modality=modality, mm_position=r,
+            data={f"{modality}_grid_thw": types.SimpleNamespace(data=torch.tensor(g)),
+                  **({"second_per_grid_ts": one} if modality == "video" else {})})
+        for (modality, g), r in zip(items, ranges)
     ]
 
 
@@ -112,28 +116,37 @@ def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
     from vllm_glimpse.models.qwen2_5_vl import media_positions
 
     config = AutoConfig.from_pretrained(tiny_models["qwen2_5_vl"])
-    grids = [[1, 32, 32], [1, 12, 22], [1, 36, 20], [1, 4, 4]]  # square, wide, tall, smallest
-    merged = [(h // 2, w // 2) for _, h, w in grids]
+    # Images: square, wide, tall, the smallest; and a video (not pruned, all tokens kept), whose
+    # temporal positions step by second_per_grid_ts * tokens_per_second.
+    items = [("image", [1, 32, 32]), ("image", [1, 12, 22]), ("video", [2, 8, 12]),
+             ("image", [1, 36, 20]), ("image", [1, 4, 4])]
+    t_factor = config.vision_config.tokens_per_second * 1.0
     rng = np.random.default_rng(0)
-    kept = []  # per image: dominant indices (sorted) then contextual targets
-    for h, w in merged:
-        n = h * w
-        d, c = visionzip_counts(n, 0.45, 0.05)
-        perm = rng.permutation(n)
-        kept.append(np.concatenate([np.sort(perm[:d]), perm[d:d + c]]))
-    texts = [5, 3, 4, 2, 6]
+    kept, channels = [], []  # per item: kept indices (dominant sorted, then targets); positions
+    for modality, (t, h, w) in items:
+        grid = media_positions(t, h // 2, w // 2, t_factor if modality == "video" else 1.0)
+        n = grid.shape[0]
+        if modality == "video":
+            kept.append(np.arange(n))
+        else:
+            d, c = visionzip_counts(n, 0.45, 0.05)
+            perm = rng.permutation(n)
+            kept.append(np.concatenate([np.sort(perm[:d]), perm[d:d + c]]))
+        channels.append(grid[kept[-1]])
+    texts = [5, 3, 4, 2, 6, 3]
 
-    full_ids, full_ranges = _prompt(config, [h * w for h, w in merged], texts)
+    full_ids, full_ranges = _prompt(config, items, [len(grid_positions) for grid_positions in
+                                                    (media_positions(t, h // 2, w // 2)
+                                                     for _, (t, h, w) in items)], texts)
     vanilla = _qwen_stub(config, None)
     full_pos, full_delta = Vanilla.get_mrope_input_positions(
-        vanilla, full_ids, _features(grids, full_ranges))
+        vanilla, full_ids, _features(items, full_ranges))
 
-    ids, ranges = _prompt(config, [len(k) for k in kept], texts)
+    ids, ranges = _prompt(config, items, [len(k) for k in kept], texts)
     ours = _qwen_stub(config, (0.45, 0.05))
-    positions, _ = Ours.get_mrope_input_positions(ours, ids, _features(grids, ranges))
+    positions, _ = Ours.get_mrope_input_positions(ours, ids, _features(items, ranges))
     hidden = [torch.randn(len(k), 8) for k in kept]
-    embeds = [torch.cat([x, media_positions(1, h, w)[k].float()], dim=1)
-              for x, (h, w), k in zip(hidden, merged, kept)]
+    embeds = [torch.cat([x, ch.float()], dim=1) for x, ch in zip(hidden, channels)]
     # (tokens computed before the step, the embedding rows the step gathers), as the runner
     # passes them.
     if steps == "one":
