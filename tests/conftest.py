@@ -1,11 +1,14 @@
-"""Shared fixtures. Engines are expensive on this CPU (tens of seconds each): tests share them
-per module, and every module stops its engines before the next one starts."""
+"""Shared fixtures. Engines run inside the test process (no engine-core or worker process:
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` here and the ``uni`` executor in ``TINY_ENGINE_ARGS``), which
+starts one in seconds instead of a minute on 2 cores; each test stops its engines before the
+next starts. ``vllm serve`` tests run the server as users do, in its own processes."""
 
 import os
 
 # Before vllm is imported anywhere in this process.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest  # noqa: E402
 

@@ -22,8 +22,15 @@ VLLM = str(Path(sys.executable).with_name("vllm"))
 MAX_TOKENS = 10
 
 
-def _vllm(*args, timeout=300):
+def _server_env():
+    """The server runs as users start it: its own engine-core and worker processes."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return env
+
+
+def _vllm(*args, timeout=300):
+    env = _server_env()
     return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -72,7 +79,7 @@ def visionzip_server(tiny_models, tmp_path_factory):
     """`vllm serve <tiny LLaVA> --plugin visionzip --visionzip-dominant 54 --visionzip-contextual 10`."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = _server_env()
     cmd = [VLLM, "serve", str(tiny_models["llava"]), "--plugin", "visionzip",
            "--visionzip-dominant", "54", "--visionzip-contextual", "10",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",

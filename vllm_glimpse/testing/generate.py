@@ -25,12 +25,14 @@ from typing import Any, Sequence
 from vllm_glimpse.testing.workloads import ImageSpec, RequestSpec, build_request
 
 # Engine arguments for the tiny fixtures on the CPU: float32 so that comparisons against HF
-# transformers are exact, eager mode so that an engine starts in seconds.
+# transformers are exact, eager mode so that an engine starts in seconds, and the model runner
+# in the engine core's process (with VLLM_ENABLE_V1_MULTIPROCESSING=0, in the caller's).
 TINY_ENGINE_ARGS: dict[str, Any] = {
     "dtype": "float32",
     "limit_mm_per_prompt": {"image": 2},
     "enforce_eager": True,
     "seed": 0,
+    "distributed_executor_backend": "uni",
 }
 
 
