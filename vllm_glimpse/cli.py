@@ -14,11 +14,10 @@ the model's HF config is read and checked here first, where it can be.
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_glimpse.settings import METHODS, PruningSettingsError, engine_kwargs
+from vllm_glimpse.settings import METHODS, PruningSettingsError, engine_kwargs, rename_knobs
 
 GROUP_TITLE = "vllm-glimpse"  # `vllm serve --help=vllm-glimpse` shows the group
 
@@ -105,11 +104,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _as_flags(message: str, method: str) -> str:
     """Name the command-line options in an error worded for knobs."""
-    flags = {f.knob: f.option for f in FLAGS if f.method == method}
-    if not flags:
-        return message
-    knob = "|".join(sorted(flags, key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({knob})(?![\w-])", lambda m: flags[m.group(1)], message)
+    return rename_knobs(message, method, lambda knob: f"--{method}-{knob.replace('_', '-')}")
 
 
 def _check_model_early(args: argparse.Namespace, overrides, method: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -342,6 +343,53 @@ def visionzip_counts(num_tokens: int, dominant_ratio: float, contextual_ratio: f
 def pruning_config_of(hf_config: Any) -> PruningConfig:
     """The PruningConfig a model or processor runs with (method ``none`` when absent)."""
     return PruningConfig.from_dict(getattr(hf_config, SETTINGS_ATTR, None))
+
+
+# Per-request settings: ``mm_processor_kwargs`` keys ``<method>_<knob>`` (e.g.
+# ``visionzip_dominant``) override the engine's knobs for that request's images.
+REQUEST_KNOB_PREFIXES = tuple(f"{m}_" for m in METHODS if m != "none")
+
+
+def split_request_knobs(mm_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our per-request knobs, the other processor kwargs) of a request's mm_processor_kwargs."""
+    ours = {k: v for k, v in mm_kwargs.items() if k.startswith(REQUEST_KNOB_PREFIXES)}
+    return ours, {k: v for k, v in mm_kwargs.items() if k not in ours}
+
+
+def request_config(hf_config: Any, mm_kwargs: Mapping[str, Any]) -> PruningConfig:
+    """The settings one request runs with: the engine's, with the request's overrides applied
+    and validated like the engine's own (PruningSettingsError naming the key otherwise)."""
+    engine = pruning_config_of(hf_config)
+    ours, _ = split_request_knobs(mm_kwargs)
+    if not ours:
+        return engine
+    for key in ours:
+        if not key.startswith(f"{engine.method}_"):
+            raise PruningSettingsError(
+                f"mm_processor_kwargs {key!r} does not apply: this engine runs pruning method "
+                f"{engine.method!r}" + ("" if engine.method == "none" else
+                                       f" (its per-request settings are {engine.method}_<knob>)")
+            )
+    knobs = {k: v for k, v in engine.to_dict().items() if k != "method"}
+    knobs.update({k[len(engine.method) + 1:]: v for k, v in ours.items()})
+    try:
+        config = PruningConfig.parse(engine.method, **knobs)
+        config.validate_for_model(hf_config)
+    except PruningSettingsError as error:
+        message = rename_knobs(str(error), engine.method, lambda knob: f"{engine.method}_{knob}")
+        raise PruningSettingsError(f"mm_processor_kwargs: {message}") from None
+    return config
+
+
+def rename_knobs(message: str, method: str, name: Callable[[str], str]) -> str:
+    """An error message worded for knobs, with each knob of ``method`` renamed by ``name`` (the
+    command-line option, the request key)."""
+    knob_cls = _KNOB_CLASSES.get(method)
+    knobs = sorted(_knob_names(knob_cls), key=len, reverse=True)
+    if not knobs:
+        return message
+    pattern = rf"(?<![\w-])({'|'.join(knobs)})(?![\w-])"
+    return re.sub(pattern, lambda m: name(m.group(1)), message)
 
 
 @dataclass(frozen=True)

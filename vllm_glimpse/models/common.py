@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
 import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
-from vllm_glimpse.settings import pruning_config_of
+from vllm_glimpse.settings import (
+    PruningConfig,
+    pruning_config_of,
+    request_config,
+    split_request_knobs,
+    visionzip_budget,
+)
+
+# The per-image pruning budget a request runs with, as a processor output field: [num_images, 2]
+# (LLaVA: dominant, contextual counts; Qwen2.5-VL: dominant, contextual ratios).
+BUDGET_FIELD = "vllm_glimpse_budget"
 
 
 class PruningHashMixin:
@@ -30,6 +44,89 @@ class PruningHashMixin:
             modality: [hashlib.sha256(f"{h}|vllm_glimpse={salt}".encode()).hexdigest() for h in hs]
             for modality, hs in hashes.items()
         }
+
+
+class RequestBudgetMixin:
+    """Per-request pruning settings in ``mm_processor_kwargs`` (``visionzip_dominant``, ...).
+
+    The request's keys are validated against the model like the engine's settings
+    (``settings.request_config``), kept away from the HF processor, and each image of the
+    request carries the budget it runs with to the prompt updates and the model in the
+    ``vllm_glimpse_budget`` field. vLLM hashes a request's processor kwargs with its items, so
+    a per-request budget is part of the multimodal hash. Subclasses define
+    ``_image_budget(config)`` (the pair an image gets, None when not pruning) and
+    ``_num_images(processed)`` (images in a processor output).
+    """
+
+    def _request_config(self, hf_kwargs: Mapping[str, object]) -> PruningConfig:
+        return request_config(self.info.get_hf_config(), hf_kwargs)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        _, hf_only = split_request_knobs(hf_kwargs)
+        return super()._call_hf_processor(hf_data, hf_only)
+
+    def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed):
+        processed = super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed)
+        budget = self._image_budget(self._request_config(hf_kwargs))
+        num_images = self._num_images(processed)
+        if budget is not None and num_images:
+            processed[BUDGET_FIELD] = torch.tensor([budget] * num_images, dtype=torch.float64)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if BUDGET_FIELD in hf_inputs:
+            fields[BUDGET_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+
+class LlavaRequestBudgetMixin(RequestBudgetMixin):
+    """Per-request VisionZip counts for the LLaVA processors: each image's placeholder count
+    follows the budget it carries (``info.visionzip_num_tokens``)."""
+
+    def _image_budget(self, config: PruningConfig) -> tuple[float, float] | None:
+        budget = visionzip_budget(self.info.get_hf_config(), config)
+        return None if budget is None else (float(budget[0]), float(budget[1]))
+
+    def _num_images(self, processed) -> int:
+        pixel_values = processed.get("pixel_values")
+        return 0 if pixel_values is None else len(pixel_values)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+        def with_budget(update):
+            original = update.replacement
+
+            def replacement(item_idx: int):
+                budget = item_budget(out_mm_kwargs, item_idx)
+                if budget is None:  # image embeddings: vLLM's count
+                    return original(item_idx)
+                size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+                count = self.info.visionzip_num_tokens(
+                    size.width, size.height, (int(budget[0]), int(budget[1])))
+                return [update.target[0]] * count
+
+            return PromptReplacement(modality="image", target=update.target, replacement=replacement)
+
+        return [with_budget(u) if u.modality == "image" else u for u in updates]
+
+
+def item_budget(out_mm_kwargs, item_idx: int) -> tuple[float, float] | None:
+    """The budget the processor attached to image ``item_idx`` (None without one)."""
+    item = out_mm_kwargs["image"][item_idx]
+    if BUDGET_FIELD not in item:
+        return None
+    dominant, contextual = item[BUDGET_FIELD].data.tolist()
+    return dominant, contextual
+
+
+def image_budgets(kwargs: dict) -> list[tuple[float, float]] | None:
+    """Pop the per-image budgets from the kwargs vLLM hands ``embed_multimodal``."""
+    budgets = kwargs.pop(BUDGET_FIELD, None)
+    if budgets is None:
+        return None
+    return [tuple(b.tolist()) for b in budgets]
 
 
 def clip_tower_with_visionzip_inputs(

@@ -17,7 +17,12 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_glimpse.models.common import PruningHashMixin, clip_tower_with_visionzip_inputs
+from vllm_glimpse.models.common import (
+    LlavaRequestBudgetMixin,
+    PruningHashMixin,
+    clip_tower_with_visionzip_inputs,
+    image_budgets,
+)
 from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
@@ -27,11 +32,16 @@ class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
         budget = visionzip_budget(self.get_hf_config())
         if budget is None:
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.visionzip_num_tokens(image_width, image_height, budget)
+
+    def visionzip_num_tokens(self, width: int, height: int, budget: tuple[int, int]) -> int:
         dominant, contextual = budget
         return dominant + contextual  # CLS + (D - 1) patches + C merged tokens, for any image
 
 
-class GlimpseLlavaMultiModalProcessor(PruningHashMixin, LlavaMultiModalProcessor):
+class GlimpseLlavaMultiModalProcessor(
+    LlavaRequestBudgetMixin, PruningHashMixin, LlavaMultiModalProcessor
+):
     pass
 
 
@@ -44,16 +54,28 @@ class GlimpseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
+        self._request_budgets = None  # per image, for the embed_multimodal call in progress
+
+    def embed_multimodal(self, **kwargs: object):
+        self._request_budgets = image_budgets(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._request_budgets = None
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
         if self.visionzip_budget is None:
             return super()._image_pixels_to_features(vision_tower, pixel_values)
-        dominant, contextual = self.visionzip_budget
         hidden, cls_scores, keys = clip_tower_with_visionzip_inputs(vision_tower, pixel_values)
+        budgets = self._request_budgets or [self.visionzip_budget] * hidden.shape[0]
         cls_index = torch.zeros(1, dtype=torch.long, device=hidden.device)
         # Output per image: [CLS, dominant patches in raster order, contextual], as the authors'
-        # CLIPVisionTower_VisionZip.forward returns it to the projector.
-        return torch.stack([
-            visionzip(hidden[i], cls_scores[i], keys[i], dominant, contextual, cls_index).tokens
-            for i in range(hidden.shape[0])
-        ])
+        # CLIPVisionTower_VisionZip.forward returns it to the projector. Images of one batch may
+        # run different budgets (per-request settings): then a tuple of [D_i + C_i, E].
+        features = tuple(
+            visionzip(hidden[i], cls_scores[i], keys[i], int(d), int(c), cls_index).tokens
+            for i, (d, c) in enumerate(budgets)
+        )
+        if len({f.shape[0] for f in features}) == 1:
+            return torch.stack(features)
+        return features

@@ -24,7 +24,12 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_glimpse.models.common import PruningHashMixin, clip_tower_with_visionzip_inputs
+from vllm_glimpse.models.common import (
+    LlavaRequestBudgetMixin,
+    PruningHashMixin,
+    clip_tower_with_visionzip_inputs,
+    image_budgets,
+)
 from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
@@ -35,15 +40,20 @@ class GlimpseLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         budget = visionzip_budget(hf_config)
         if budget is None:
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.visionzip_num_tokens(image_width, image_height, budget)
+
+    def visionzip_num_tokens(self, width: int, height: int, budget: tuple[int, int]) -> int:
         rows, cols = get_anyres_image_grid_shape(
-            image_size=(image_height, image_width),
-            grid_pinpoints=hf_config.image_grid_pinpoints,
+            image_size=(height, width),
+            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
             patch_size=self.get_vision_encoder_info().get_image_size(),
         )
         return sum(budget) * (1 + rows * cols)
 
 
-class GlimpseLlavaNextMultiModalProcessor(PruningHashMixin, LlavaNextMultiModalProcessor):
+class GlimpseLlavaNextMultiModalProcessor(
+    LlavaRequestBudgetMixin, PruningHashMixin, LlavaNextMultiModalProcessor
+):
     pass
 
 
@@ -56,6 +66,14 @@ class GlimpseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
+        self._request_budgets = None  # per image, for the embed_multimodal call in progress
+
+    def embed_multimodal(self, **kwargs: object):
+        self._request_budgets = image_budgets(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._request_budgets = None
 
     def _process_image_input(self, image_input):
         if self.visionzip_budget is None or image_input.get("type") != "pixel_values":
@@ -63,12 +81,15 @@ class GlimpseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         pixel_values = image_input["pixel_values"]
         image_sizes = image_input["image_sizes"]
         per_image = list(pixel_values) if isinstance(pixel_values, torch.Tensor) else pixel_values
+        budgets = self._request_budgets or [self.visionzip_budget] * len(per_image)
         return [
-            self._visionzip_one_image(crops, size) for crops, size in zip(per_image, image_sizes)
+            self._visionzip_one_image(crops, size, (int(d), int(c)))
+            for crops, size, (d, c) in zip(per_image, image_sizes, budgets)
         ]
 
-    def _visionzip_one_image(self, crops: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
-        dominant, contextual = self.visionzip_budget
+    def _visionzip_one_image(self, crops: torch.Tensor, image_size: torch.Tensor,
+                             budget: tuple[int, int]) -> torch.Tensor:
+        dominant, contextual = budget
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size  # patches per crop side (24 for 336/14)
         rows, cols = get_anyres_image_grid_shape(

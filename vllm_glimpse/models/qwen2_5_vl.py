@@ -35,11 +35,25 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
-from vllm_glimpse.models.common import PruningHashMixin
+from vllm_glimpse.models.common import (
+    PruningHashMixin,
+    RequestBudgetMixin,
+    image_budgets,
+    item_budget,
+)
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
 
-class GlimpseQwen2_5_VLMultiModalProcessor(PruningHashMixin, Qwen2_5_VLMultiModalProcessor):
+class GlimpseQwen2_5_VLMultiModalProcessor(
+    RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
+):
+    def _image_budget(self, config) -> tuple[float, float] | None:
+        return visionzip_ratios(self.info.get_hf_config(), config)
+
+    def _num_images(self, processed) -> int:
+        grid = processed.get("image_grid_thw")
+        return 0 if grid is None else len(grid)
+
     def _get_prompt_updates(
         self,
         mm_items,
@@ -61,7 +75,8 @@ class GlimpseQwen2_5_VLMultiModalProcessor(PruningHashMixin, Qwen2_5_VLMultiModa
                     "ViT's attention, so precomputed image_embeds cannot be pruned"
                 )
             num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
-            return image_token * sum(visionzip_counts(num_tokens, *ratios))
+            item_ratios = item_budget(out_mm_kwargs, item_idx) or ratios
+            return image_token * sum(visionzip_counts(num_tokens, *item_ratios))
 
         return [
             PromptReplacement(
@@ -101,25 +116,27 @@ class GlimpseQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     def embed_multimodal(self, **kwargs: object):
         if self.visionzip_ratios is None:
             return super().embed_multimodal(**kwargs)
+        budgets = image_budgets(kwargs)  # per image: the request's ratios
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "image":
-                embeddings += self._visionzip_images(inputs)
+                embeddings += self._visionzip_images(inputs, budgets)
             else:  # videos are not pruned; they carry their positions like the images do
                 embeddings += self._videos_with_positions(inputs)
         return embeddings
 
-    def _visionzip_images(self, image_input) -> tuple[torch.Tensor, ...]:
+    def _visionzip_images(self, image_input, budgets=None) -> tuple[torch.Tensor, ...]:
         grid_thw = image_input["image_grid_thw"].tolist()
+        budgets = budgets or [self.visionzip_ratios] * len(grid_thw)
         merged, scores, keys = qwen_vit_with_visionzip_inputs(
             self.visual, image_input["pixel_values"], grid_thw)
         merge = self.visual.spatial_merge_size
         sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
         out = []
-        for tokens, score, key, (t, h, w) in zip(
-            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw
+        for tokens, score, key, (t, h, w), ratios in zip(
+            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw, budgets
         ):
-            dominant, contextual = visionzip_counts(tokens.shape[0], *self.visionzip_ratios)
+            dominant, contextual = visionzip_counts(tokens.shape[0], *ratios)
             result = visionzip(tokens, score, key, dominant, contextual)
             positions = media_positions(t, h // merge, w // merge).to(tokens.device)
             # Dominant tokens at their own positions, contextual ones at their targets'.
