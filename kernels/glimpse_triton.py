@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_glimpse.kernels._backend import BACKENDS, check_backend, resolve_backend
 from vllm_glimpse.glimpse.keep_rule import keep_mask as _keep_mask_rule
 from vllm_glimpse.glimpse.modules import glimpse_attention_scores as _glimpse_attention_scores
 
@@ -61,7 +62,6 @@ except ImportError:  # CPU-only installs without triton
     tl = None
     HAS_TRITON = False
 
-BACKENDS = ("auto", "triton", "torch", "cpu")
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRETED", "KeepResult",
@@ -70,29 +70,8 @@ __all__ = [
 ]
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
 def _resolve(backend: str, *tensors: torch.Tensor) -> str:
-    """The backend that runs: "auto" becomes "triton" on CUDA (when importable), else "cpu"."""
-    _check_backend(backend)
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
-    device = next(iter(devices))
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "cpu"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' but triton is not importable")
-        if device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError(
-                f"backend='triton' on {device.type} tensors needs Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before triton is first imported in this process (Triton "
-                "reads it when @triton.jit runs)")
-    return backend
+    return resolve_backend(backend, tensors, has_triton=HAS_TRITON, interpreted=INTERPRETED)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_glimpse.kernels._backend import BACKENDS, check_backend, resolve_backend
 from vllm_glimpse.visionzip import (
     contextual_targets,
     segment_mean_merge as _segment_mean_merge_cpu,
@@ -55,7 +56,6 @@ except ImportError:  # CPU-only installs without triton: the torch/C++ paths sti
     tl = None
     HAS_TRITON = False
 
-BACKENDS = ("auto", "triton", "torch", "cpu")
 
 # Query rows per chunk of the torch score reference are capped so that one chunk's logits
 # [H, rows, S] stay under this many float32 elements (256 MiB), and at 1024 rows.
@@ -63,29 +63,8 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 26
 _REFERENCE_MAX_CHUNK = 1024
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
 def _resolve(backend: str, *tensors: torch.Tensor) -> str:
-    """The backend that runs: "auto" becomes "triton" on CUDA (when importable), else "cpu"."""
-    _check_backend(backend)
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
-    device = next(iter(devices))
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "cpu"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' but triton is not importable")
-        if device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError(
-                f"backend='triton' on {device.type} tensors needs Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before triton is first imported in this process (Triton "
-                "reads it when @triton.jit runs)")
-    return backend
+    return resolve_backend(backend, tensors, has_triton=HAS_TRITON, interpreted=INTERPRETED)
 
 
 def _next_pow2(n: int, minimum: int = 16) -> int:

@@ -16,22 +16,17 @@ shapes are small because the interpreter runs every program instance in numpy.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_under_interpreter
+
 import vllm_glimpse.visionzip as vz
 
 KERNELS = "vllm_glimpse.kernels.visionzip_triton"
-CHILD_FLAG = "VLLM_GLIMPSE_TRITON_INTERPRETER_CHILD"
-IN_CHILD = os.environ.get(CHILD_FLAG) == "1"
 BACKENDS = ("triton", "torch", "cpu", "auto") if IN_CHILD else ("torch", "cpu", "auto")
 # Small blocks for the interpreter: several blocks per dimension at these sizes, so the loops
 # over blocks, the masks of partial blocks and the running max across blocks are all exercised.
@@ -51,33 +46,10 @@ def vzt():
 if not IN_CHILD:
 
     def test_triton_kernels_under_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_FLAG: "1"})
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-             "-k", "backends or interpreter"],
-            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-            timeout=900)
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output
-        passed = re.search(r"(\d+) passed", output)
-        # Every backends/interpreter test ran (none deselected by a renaming, none skipped).
-        assert passed and int(passed.group(1)) >= 35 and "skipped" not in output, output
+        run_module_under_interpreter(__file__, "backends or interpreter", min_passed=35)
 
     def _load_compiled_copy():
-        """A private copy of the kernels module, @triton.jit run without the interpreter."""
-        origin = importlib.util.find_spec(KERNELS).origin
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "0"
-        try:
-            spec = importlib.util.spec_from_file_location("_visionzip_triton_compiled", origin)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-        return module
+        return load_compiled_copy(KERNELS, "_visionzip_triton_compiled")
 
     def test_compiled_kernels_refuse_cpu_tensors():
         # Without the interpreter the kernels need CUDA tensors: a clear error, not a crash.

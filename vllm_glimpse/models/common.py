@@ -112,6 +112,20 @@ class LlavaRequestBudgetMixin(RequestBudgetMixin):
         return [with_budget(u) if u.modality == "image" else u for u in updates]
 
 
+class RequestBudgetModelMixin:
+    """For the LLaVA models: the per-image budgets of the ``embed_multimodal`` call in progress
+    (``self._request_budgets``; None outside one, or without per-request settings)."""
+
+    _request_budgets = None
+
+    def embed_multimodal(self, **kwargs: object):
+        self._request_budgets = image_budgets(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._request_budgets = None
+
+
 def item_budget(out_mm_kwargs, item_idx: int) -> tuple[float, float] | None:
     """The budget the processor attached to image ``item_idx`` (None without one)."""
     item = out_mm_kwargs["image"][item_idx]

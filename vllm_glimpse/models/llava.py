@@ -20,8 +20,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm_glimpse.models.common import (
     LlavaRequestBudgetMixin,
     PruningHashMixin,
+    RequestBudgetModelMixin,
     clip_tower_with_visionzip_inputs,
-    image_budgets,
 )
 from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
@@ -50,18 +50,12 @@ class GlimpseLlavaMultiModalProcessor(
     info=GlimpseLlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class GlimpseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class GlimpseLlavaForConditionalGeneration(
+    RequestBudgetModelMixin, LlavaForConditionalGeneration
+):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
-        self._request_budgets = None  # per image, for the embed_multimodal call in progress
-
-    def embed_multimodal(self, **kwargs: object):
-        self._request_budgets = image_budgets(kwargs)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._request_budgets = None
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
         if self.visionzip_budget is None:

@@ -27,8 +27,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm_glimpse.models.common import (
     LlavaRequestBudgetMixin,
     PruningHashMixin,
+    RequestBudgetModelMixin,
     clip_tower_with_visionzip_inputs,
-    image_budgets,
 )
 from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
@@ -62,18 +62,12 @@ class GlimpseLlavaNextMultiModalProcessor(
     info=GlimpseLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class GlimpseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class GlimpseLlavaNextForConditionalGeneration(
+    RequestBudgetModelMixin, LlavaNextForConditionalGeneration
+):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
-        self._request_budgets = None  # per image, for the embed_multimodal call in progress
-
-    def embed_multimodal(self, **kwargs: object):
-        self._request_budgets = image_budgets(kwargs)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._request_budgets = None
 
     def _process_image_input(self, image_input):
         if self.visionzip_budget is None or image_input.get("type") != "pixel_values":
