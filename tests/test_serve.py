@@ -83,7 +83,7 @@ def visionzip_server(tiny_models, tmp_path_factory):
     cmd = [VLLM, "serve", str(tiny_models["llava"]), "--plugin", "visionzip",
            "--visionzip-dominant", "54", "--visionzip-contextual", "10",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0"]
+           "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--trust-request-mm-kwargs"]
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
@@ -195,3 +195,30 @@ def test_bad_image_input_is_a_400_and_the_server_keeps_serving(visionzip_server,
         {"type": "image_url", "image_url": {"url": _data_url(good)}},
         {"type": "text", "text": "What is this?"}]}])
     assert ok.usage.completion_tokens == 2 and ok.usage.prompt_tokens > 64
+
+
+@pytest.mark.slow
+def test_per_request_budget_through_the_api(visionzip_server):
+    """extra_body mm_processor_kwargs: a valid budget changes the prompt's image tokens (64 ->
+    128 per image); an out-of-range one is a 400 naming the key; the server keeps serving."""
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=visionzip_server, api_key="unused")
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(ImageSpec("gradient", 336, 336, 7).build())}},
+        {"type": "text", "text": "What is this?"}]}]
+
+    def prompt_tokens(**mm_kwargs):
+        extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {}
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=1,
+                                                  extra_body=extra)
+        return response.usage.prompt_tokens
+
+    default = prompt_tokens()
+    assert prompt_tokens(visionzip_dominant=108, visionzip_contextual=20) == default + 64
+    with pytest.raises(BadRequestError) as info:
+        prompt_tokens(visionzip_dominant=0)
+    assert info.value.status_code == 400
+    assert "visionzip_dominant must be >= 1, got 0" in str(info.value)
+    assert prompt_tokens() == default
