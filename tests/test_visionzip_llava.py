@@ -14,8 +14,8 @@ from tests.reference.visionzip_hf import (
     llava_next_generate,
     llava_visionzip_features,
 )
-from vllm_glimpse.testing.generate import generate_tokens, make_llm, shutdown
-from vllm_glimpse.testing.workloads import build_request, mixed_batch
+from tests.engine_reference import assert_engine_matches_reference
+from vllm_glimpse.testing.workloads import mixed_batch
 from vllm_glimpse.visionzip import visionzip
 
 MAX_TOKENS = 12
@@ -55,21 +55,11 @@ def test_selection_and_merge_match_reference(hf_llava, dominant, contextual):
 
 
 def _assert_engine_matches_reference(path, model, processor, reference, dominant, contextual):
-    """vLLM + plugin greedy tokens == HF + ``reference`` on the mixed batch (images of several
-    sizes, a two-image prompt, text-only prompts in one batch)."""
-    specs = mixed_batch()
-    llm = make_llm(path, method="visionzip", knobs={"dominant": dominant, "contextual": contextual})
-    try:
-        tokenizer = llm.get_tokenizer()
-        ours = generate_tokens(llm, specs, MAX_TOKENS)
-    finally:
-        shutdown(llm)
-    for i, spec in enumerate(specs):
-        request = build_request(tokenizer, spec)
-        images = [img.build() for img in spec.images]
-        want = reference(model, processor, request["prompt"], images, dominant, contextual,
-                         MAX_TOKENS)
-        assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
+    assert_engine_matches_reference(
+        path, "visionzip", {"dominant": dominant, "contextual": contextual},
+        lambda prompt, images: reference(model, processor, prompt, images, dominant, contextual,
+                                         MAX_TOKENS),
+        MAX_TOKENS)
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.visionzip_hf import qwen_generate, qwen_visionzip_image, qwen_vit_capture
 from vllm_glimpse.settings import visionzip_counts
-from vllm_glimpse.testing.generate import generate_tokens, make_llm, shutdown
-from vllm_glimpse.testing.workloads import build_request, mixed_batch
+from tests.engine_reference import assert_engine_matches_reference
+from vllm_glimpse.testing.workloads import mixed_batch
 from vllm_glimpse.visionzip import visionzip
 
 MAX_TOKENS = 12
@@ -185,20 +185,12 @@ def test_greedy_tokens_match_hf_reference(tiny_models, hf_qwen, dominant_ratio, 
     """vLLM + plugin == HF + reference VisionZip on the mixed batch: images of several sizes (the
     smallest included), a two-image prompt and text-only prompts in one batch."""
     model, processor = hf_qwen
-    specs = mixed_batch()
-    llm = make_llm(tiny_models["qwen2_5_vl"], method="visionzip",
-                   knobs={"dominant_ratio": dominant_ratio, "contextual_ratio": contextual_ratio})
-    try:
-        tokenizer = llm.get_tokenizer()
-        ours = generate_tokens(llm, specs, MAX_TOKENS)
-    finally:
-        shutdown(llm)
-    for i, spec in enumerate(specs):
-        request = build_request(tokenizer, spec)
-        images = [img.build() for img in spec.images]
-        want = qwen_generate(model, processor, request["prompt"], images, dominant_ratio,
-                             contextual_ratio, MAX_TOKENS)
-        assert ours[i] == want, f"request {i} ({spec}): vLLM {ours[i]} != reference {want}"
+    assert_engine_matches_reference(
+        tiny_models["qwen2_5_vl"], "visionzip",
+        {"dominant_ratio": dominant_ratio, "contextual_ratio": contextual_ratio},
+        lambda prompt, images: qwen_generate(model, processor, prompt, images, dominant_ratio,
+                                             contextual_ratio, MAX_TOKENS),
+        MAX_TOKENS)
 
 
 def test_precomputed_image_embeds_are_refused_clearly(tiny_models):
