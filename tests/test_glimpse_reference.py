@@ -14,83 +14,24 @@ A synthetic checkpoint in the authors' layout (``config.json`` + ``new_modules_g
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
-
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen, qwen_pool_to_raster
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import chat_prompt, mixed_batch
 
 MAX_NEW = 8
-FUSE, COND, VIP_HEADS = 64, 64, 4
 KEEP_ALL = KeepRule(fixed_remain_ratio=1.0)
 PRUNE = KeepRule(fixed_remain_ratio=0.25)
 
 # mixed_batch(): 0 one image 448x448, 3 text-only, 4 two images
 
 
-def _state(hidden, heads, layers, vision, n_blocks, n_sel, seed):
-    """new_modules_gp.pt content (authors' save_new_modules keys), sensible scales."""
-    g = torch.Generator().manual_seed(seed)
-
-    def lin(out_f, in_f):
-        return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5, 0.1 * torch.randn(out_f, generator=g)
-
-    fuser = OrderedDict()
-    fuser["attn_in_proj.weight"], fuser["attn_in_proj.bias"] = lin(FUSE, n_sel * heads)
-    for i in range(n_blocks):
-        fuser[f"cond_in_projs.{i}.weight"], fuser[f"cond_in_projs.{i}.bias"] = lin(COND, vision)
-    for i in range(n_blocks):
-        a = f"layers.{i}."
-        fuser[a + "norm1.weight"] = 1 + 0.1 * torch.randn(FUSE, generator=g)
-        fuser[a + "norm2.weight"] = 1 + 0.1 * torch.randn(FUSE, generator=g)
-        fuser[a + "attn.q_proj.weight"] = lin(FUSE + COND, FUSE + COND)[0]
-        fuser[a + "attn.k_proj.weight"] = lin(FUSE + COND, FUSE + COND)[0]
-        fuser[a + "attn.v_proj.weight"] = lin(FUSE, FUSE)[0]
-        fuser[a + "attn.o_proj.weight"] = lin(FUSE, FUSE)[0]
-        for p in ("gate", "up"):
-            fuser[a + f"mlp.{p}_proj.weight"], fuser[a + f"mlp.{p}_proj.bias"] = lin(2 * FUSE, FUSE)
-        fuser[a + "mlp.down_proj.weight"], fuser[a + "mlp.down_proj.bias"] = lin(FUSE, 2 * FUSE)
-    last = n_blocks - 1
-    fuser[f"attn_out_projs.{last}.weight"], fuser[f"attn_out_projs.{last}.bias"] = lin(1, FUSE)
-    le_w, le_b = lin(hidden, hidden)
-    return {
-        "attn_fuser": fuser,
-        "learnable_embeddings": torch.randn(layers, 1, hidden, generator=g),
-        "le_proj": OrderedDict(weight=le_w, bias=le_b),
-        "le_norm": OrderedDict(weight=1 + 0.1 * torch.randn(hidden, generator=g)),
-    }
-
-
-def _write_checkpoint(directory, config, state):
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config))
-    torch.save(state, directory / "new_modules_gp.pt")
-    return directory
-
-
-def _common(text, K, selected_visual_layers, use_attention_logits):
-    return {
-        "hidden_size": text.hidden_size, "num_attention_heads": text.num_attention_heads,
-        "num_hidden_layers": text.num_hidden_layers, "rms_norm_eps": text.rms_norm_eps,
-        "selected_layers": [K], "reduce_layer": K, "le_layers": list(range(text.num_hidden_layers)),
-        "le_length": 1, "use_attention_logits": use_attention_logits, "attn_fuse_type": "AttnFuserV1",
-        "attn_fuse_size": FUSE, "visual_cond_size": COND, "attn_fuse_num_heads": VIP_HEADS,
-        "attn_fuse_hidden_act": "silu", "ori_attn_supervision": False, "deep_supervision": False,
-        "selected_visual_layers": list(selected_visual_layers), "reduce_threshold": 0.5,
-        "min_remain_num": 1, "max_remain_ratio": None, "anchor_positions": [],
-    }
-
-
-def _predictor(directory, model, config, n_blocks, seed):
-    text = model.config.text_config
-    state = _state(text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
-                   model.config.vision_config.hidden_size, n_blocks, 1, seed)
-    _write_checkpoint(directory, config, state)
+def _predictor(directory, model, family):
+    write_tiny_checkpoint(directory, family, model.config)
     return load_glimpse_checkpoint(directory, model.config, dtype=torch.float32).predictor
 
 
@@ -99,14 +40,7 @@ def qwen(tiny_models, tmp_path_factory):
     path = tiny_models["qwen2_5_vl"]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(path)
-    text = model.config.text_config
-    cfg = {"architectures": ["Qwen2_5_VL_GP_ForConditionalGeneration"], "model_type": "qwen2_5_vl_gp",
-           "num_key_value_heads": text.num_key_value_heads,
-           "vision_config": {"hidden_size": model.config.vision_config.hidden_size, "depth": 4,
-                             "spatial_merge_size": 2},
-           "le_norm_type": "rmsnorm", "attn_fuse_global": True,
-           **_common(text, K=1, selected_visual_layers=[3, 1], use_attention_logits=True)}
-    predictor = _predictor(tmp_path_factory.mktemp("gp") / "qwen", model, cfg, 2, seed=1)
+    predictor = _predictor(tmp_path_factory.mktemp("gp") / "qwen", model, "qwen2_5_vl")
     return "qwen2_5_vl", model, processor, predictor
 
 
@@ -115,11 +49,7 @@ def llava(tiny_models, tmp_path_factory):
     path = tiny_models["llava"]
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(path)
-    text = model.config.text_config
-    cfg = {"architectures": ["LlavaLlamaForCausalLM_GP"], "model_type": "llava_llama_gp",
-           "mm_hidden_size": model.config.vision_config.hidden_size, "mm_vision_select_layer": -2,
-           **_common(text, K=2, selected_visual_layers=[3, 2, 1], use_attention_logits=False)}
-    predictor = _predictor(tmp_path_factory.mktemp("gp") / "llava", model, cfg, 3, seed=2)
+    predictor = _predictor(tmp_path_factory.mktemp("gp") / "llava", model, "llava")
     return "llava", model, processor, predictor
 
 

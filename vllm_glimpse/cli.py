@@ -98,8 +98,29 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
         kwargs = engine_kwargs(method, hf_overrides=user_overrides or None, **knobs)
     except PruningSettingsError as error:
         raise StartupError(_as_flags(str(error), method)) from None
+    if method == "glimpse":
+        _refuse_glimpse_conflicts(args)
     _check_model_early(args, kwargs["hf_overrides"], method)
     return kwargs
+
+
+# Engine flags GlimpsePrune cannot run with (vllm_glimpse/engine/engine_config.py says why);
+# vLLM leaves each at None unless the user gave it.
+GLIMPSE_CONFLICTS = (
+    ("enable_prefix_caching", "--enable-prefix-caching"),
+    ("enable_chunked_prefill", "--enable-chunked-prefill"),
+    ("async_scheduling", "--async-scheduling"),
+)
+
+
+def _refuse_glimpse_conflicts(args: argparse.Namespace) -> None:
+    given = [flag for dest, flag in GLIMPSE_CONFLICTS if getattr(args, dest, None) is True]
+    if given:
+        raise StartupError(
+            f"--plugin glimpse cannot run with {', '.join(given)}: pruning inside the forward "
+            "needs prefix caching, chunked prefill and async scheduling off (the plugin turns "
+            "them off by default)"
+        )
 
 
 def _as_flags(message: str, method: str) -> str:

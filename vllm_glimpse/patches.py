@@ -101,6 +101,46 @@ def _wrap_engine_args(engine_args_cls: type) -> None:
     engine_args_cls.from_cli_args = classmethod(from_cli_args_with_ours)
 
 
+_engine_settings_patch_installed = False
+
+
+def apply_glimpse_engine_settings_per_architecture() -> None:
+    """Have ``VllmConfig`` apply GlimpsePrune's engine settings (prefix caching and chunked
+    prefill off, eager, our scheduler and worker: ``vllm_glimpse/engine/engine_config.py``)
+    for our model variants.
+
+    vLLM has no plugin hook for engine defaults. ``VllmConfig.__post_init__`` calls the
+    per-architecture hook ``MODELS_CONFIG_MAP[arch].verify_and_update_config(vllm_config)``
+    before it resolves scheduling, eager mode and the worker class (vLLM 0.32,
+    ``config/vllm.py`` ``try_verify_and_update_config``); our architectures get an entry that
+    chains to the base architecture's entry if vLLM has one.
+    """
+    global _engine_settings_patch_installed
+    if _engine_settings_patch_installed:
+        return
+    _engine_settings_patch_installed = True
+    _after_import("vllm.model_executor.models.config", _register_engine_config_hooks)
+
+
+def _register_engine_config_hooks(module) -> None:
+    from vllm_glimpse.engine.engine_config import GlimpseEngineConfig
+    from vllm_glimpse.settings import VARIANTS
+
+    for variant in VARIANTS.values():
+        base = module.MODELS_CONFIG_MAP.get(variant.base_arch)
+
+        class Hook(GlimpseEngineConfig):
+            _base = base
+
+            @staticmethod
+            def verify_and_update_config(vllm_config, _base=base) -> None:
+                if _base is not None:
+                    _base.verify_and_update_config(vllm_config)
+                GlimpseEngineConfig.verify_and_update_config(vllm_config)
+
+        module.MODELS_CONFIG_MAP[variant.arch] = Hook
+
+
 # --------------------------------------------------------------------------------------------
 # Run a function right after a module is first imported (or now, if it already is).
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ from vllm_glimpse.settings import VARIANTS
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_glimpse.patches import add_plugin_cli_flags, enable_mrope_recompute_for_pruned_images
+    from vllm_glimpse.patches import (
+        add_plugin_cli_flags,
+        apply_glimpse_engine_settings_per_architecture,
+        enable_mrope_recompute_for_pruned_images,
+    )
 
     supported = set(ModelRegistry.get_supported_archs())
     for variant in VARIANTS.values():
@@ -22,3 +26,4 @@ def register() -> None:
             ModelRegistry.register_model(variant.arch, variant.qualname)
     enable_mrope_recompute_for_pruned_images()
     add_plugin_cli_flags()
+    apply_glimpse_engine_settings_per_architecture()

@@ -53,14 +53,14 @@ VARIANTS: dict[str, ModelVariant] = {
             "Qwen2_5_VLForConditionalGeneration",
             "GlimpseQwen2_5_VLForConditionalGeneration",
             "vllm_glimpse.models.qwen2_5_vl:GlimpseQwen2_5_VLForConditionalGeneration",
-            ("none", "visionzip"),
+            ("none", "visionzip", "glimpse"),
             "Qwen2.5-VL",
         ),
         ModelVariant(
             "LlavaForConditionalGeneration",
             "GlimpseLlavaForConditionalGeneration",
             "vllm_glimpse.models.llava:GlimpseLlavaForConditionalGeneration",
-            ("none", "visionzip"),
+            ("none", "visionzip", "glimpse"),
             "LLaVA-1.5",
         ),
         ModelVariant(
@@ -250,7 +250,22 @@ class PruningConfig:
                 )
         if self.method == "visionzip":
             self._validate_visionzip(variant, hf_config)
+        if self.method == "glimpse":
+            self._validate_glimpse(hf_config)
         return variant
+
+    def _validate_glimpse(self, hf_config: Any) -> None:
+        """The checkpoint must exist, be readable and fit this model; read now (config only,
+        no weights) so that a bad path or a checkpoint for another model fails at startup."""
+        knobs = self.glimpse or GlimpseSettings()
+        if not knobs.checkpoint:
+            raise PruningSettingsError(
+                "glimpse needs a GlimpsePrune checkpoint: a local directory or HF hub id "
+                "(checkpoint=..., --glimpse-checkpoint)"
+            )
+        from vllm_glimpse.glimpse.checkpoint import read_glimpse_config
+
+        read_glimpse_config(knobs.checkpoint, hf_config, knobs)
 
     def _validate_visionzip(self, variant: ModelVariant, hf_config: Any) -> None:
         knobs = self.visionzip or VisionZipSettings()

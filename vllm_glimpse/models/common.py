@@ -46,6 +46,26 @@ class PruningHashMixin:
         }
 
 
+class GlimpseTokenMixin:
+    """GlimpsePrune: append the glimpse token after the last prompt token of every request that
+    has images (authors' ``_append_le``). It is an ordinary prompt token to vLLM (the scheduler
+    counts it, the prompt gets a position for it: last + 1, on all three M-RoPE axes for Qwen);
+    the model replaces its embedding with the learned one and drops it after layer K. Its id is
+    the tokenizer's pad token (else EOS): any id works, the embedding is never looked up.
+    ``RequestOutput.prompt_token_ids`` therefore ends with it for such requests."""
+
+    def apply(self, *args, **kwargs):
+        result = super().apply(*args, **kwargs)
+        if pruning_config_of(self.info.get_hf_config()).method != "glimpse":
+            return result
+        if not result.get("mm_placeholders", {}).get("image"):
+            return result
+        tokenizer = self.info.get_tokenizer()
+        token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        result["prompt_token_ids"] = list(result["prompt_token_ids"]) + [int(token)]
+        return result
+
+
 class RequestBudgetMixin:
     """Per-request pruning settings in ``mm_processor_kwargs`` (``visionzip_dominant``, ...).
 

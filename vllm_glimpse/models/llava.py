@@ -18,12 +18,14 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_glimpse.models.common import (
+    GlimpseTokenMixin,
     LlavaRequestBudgetMixin,
     PruningHashMixin,
     RequestBudgetModelMixin,
     clip_tower_with_visionzip_inputs,
 )
-from vllm_glimpse.settings import visionzip_budget
+from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
+from vllm_glimpse.settings import PruningSettingsError, visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
 
@@ -40,7 +42,7 @@ class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
 
 
 class GlimpseLlavaMultiModalProcessor(
-    LlavaRequestBudgetMixin, PruningHashMixin, LlavaMultiModalProcessor
+    GlimpseTokenMixin, LlavaRequestBudgetMixin, PruningHashMixin, LlavaMultiModalProcessor
 ):
     pass
 
@@ -51,13 +53,76 @@ class GlimpseLlavaMultiModalProcessor(
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class GlimpseLlavaForConditionalGeneration(
-    RequestBudgetModelMixin, LlavaForConditionalGeneration
+    GlimpseModelMixin, RequestBudgetModelMixin, LlavaForConditionalGeneration
 ):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_glimpse(vllm_config)
         self.visionzip_budget = visionzip_budget(vllm_config.model_config.hf_config)
+        self._pending_conditions: list[torch.Tensor] | None = None
+
+    # ---- GlimpsePrune: CLIP hidden states ride along with the image embeddings ---------------
+
+    def embed_multimodal(self, **kwargs: object):
+        if not self.glimpse_enabled:
+            return super().embed_multimodal(**kwargs)
+        self._pending_conditions = []
+        try:
+            embeddings = super().embed_multimodal(**kwargs)
+            conditions = self._pending_conditions
+        finally:
+            self._pending_conditions = None
+        if len(embeddings) and not conditions:
+            raise PruningSettingsError(
+                "GlimpsePrune on LLaVA needs pixel images (it reads the CLIP tower's hidden "
+                "states); precomputed image embeddings cannot be pruned")
+        return self._with_conditions(embeddings, torch.cat(conditions))
+
+    def _glimpse_features(self, vision_tower, pixel_values):
+        """The tower's output as vLLM selects it, and GlimpsePrune's conditions: HF
+        ``hidden_states[i][:, 1:]`` (CLS dropped) for i in ``selected_visual_layers``
+        (index 0 = the embeddings after ``pre_layrnorm``, i = output of encoder layer i - 1)."""
+        from vllm.model_executor.models.vision import resolve_visual_encoder_outputs
+
+        vision_model = vision_tower.vision_model
+        layers = self.glimpse_checkpoint.config.selected_visual_layers
+        hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values.to(vision_tower.dtype)))
+        states = [hidden]
+        for layer in vision_model.encoder.layers:
+            hidden = layer(hidden)
+            states.append(hidden)
+        features = resolve_visual_encoder_outputs(
+            hidden, vision_model.post_layernorm, select_layers=None,
+            max_possible_layers=vision_model.config.num_hidden_layers,
+            feature_select_strategy=self.config.vision_feature_select_strategy)
+        conditions = torch.cat([states[i][:, 1:] for i in layers], dim=-1)
+        return features, conditions
+
+    def glimpse_image_grid(self, mm_feature) -> tuple[int, int]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def _glimpse_text_model(self):
+        return self.language_model.model
+
+    def _glimpse_vision_layers_available(self) -> int:
+        return len(self.vision_tower.vision_model.encoder.layers) + 1
+
+    def _glimpse_vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self.glimpse_enabled:
+            self._load_glimpse()
+        return loaded
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
+        if self._pending_conditions is not None:
+            features, conditions = self._glimpse_features(vision_tower, pixel_values)
+            self._pending_conditions.append(conditions)
+            return features
         if self.visionzip_budget is None:
             return super()._image_pixels_to_features(vision_tower, pixel_values)
         hidden, cls_scores, keys = clip_tower_with_visionzip_inputs(vision_tower, pixel_values)

@@ -36,16 +36,18 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.models.common import (
+    GlimpseTokenMixin,
     PruningHashMixin,
     RequestBudgetMixin,
     image_budgets,
     item_budget,
 )
+from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
 
 class GlimpseQwen2_5_VLMultiModalProcessor(
-    RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
+    GlimpseTokenMixin, RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
 ):
     def _image_budget(self, config) -> tuple[float, float] | None:
         return visionzip_ratios(self.info.get_hf_config(), config)
@@ -95,9 +97,10 @@ class GlimpseQwen2_5_VLMultiModalProcessor(
     info=Qwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class GlimpseQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_glimpse(vllm_config)
         self.visionzip_ratios = visionzip_ratios(vllm_config.model_config.hf_config)
         # Read by the runner patch: pruned images need their positions re-placed.
         self.needs_mrope_recompute = self.visionzip_ratios is not None
@@ -114,6 +117,8 @@ class GlimpseQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     # ---- embeddings ------------------------------------------------------------------------
 
     def embed_multimodal(self, **kwargs: object):
+        if self.glimpse_enabled:
+            return self._glimpse_embed_multimodal(**kwargs)
         if self.visionzip_ratios is None:
             return super().embed_multimodal(**kwargs)
         budgets = image_budgets(kwargs)  # per image: the request's ratios
@@ -124,6 +129,48 @@ class GlimpseQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             else:  # videos are not pruned; they carry their positions like the images do
                 embeddings += self._videos_with_positions(inputs)
         return embeddings
+
+    # ---- GlimpsePrune: vision conditions ride along with the image embeddings --------------------
+
+    def _glimpse_embed_multimodal(self, **kwargs: object):
+        layers = self.glimpse_checkpoint.config.selected_visual_layers
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "image":
+                if inputs["type"] != "pixel_values":
+                    raise PruningSettingsError(
+                        "GlimpsePrune on Qwen2.5-VL needs pixel images (it reads the ViT's block "
+                        "outputs); precomputed image embeddings cannot be pruned")
+                grid_thw = inputs["image_grid_thw"].tolist()
+                merged, pooled = qwen_vit_with_block_outputs(
+                    self.visual, inputs["pixel_values"], grid_thw, layers)
+                conditions = torch.cat([pooled[i] for i in layers], dim=-1)
+                merge = self.visual.spatial_merge_size
+                sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
+                embeddings += self._with_conditions(merged.split(sizes), conditions.split(sizes))
+            else:  # videos are not pruned
+                embeddings += self._without_conditions(self._process_video_input(inputs))
+        return embeddings
+
+    def glimpse_image_grid(self, mm_feature) -> tuple[int, int]:
+        _, h, w = mm_feature.data["image_grid_thw"].data.tolist()
+        merge = self.config.vision_config.spatial_merge_size
+        return h // merge, w // merge
+
+    def _glimpse_text_model(self):
+        return self.language_model.model
+
+    def _glimpse_vision_layers_available(self) -> int:
+        return len(self.visual.blocks)
+
+    def _glimpse_vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self.glimpse_enabled:
+            self._load_glimpse()
+        return loaded
 
     def _visionzip_images(self, image_input, budgets=None) -> tuple[torch.Tensor, ...]:
         grid_thw = image_input["image_grid_thw"].tolist()
@@ -244,6 +291,50 @@ def qwen_vit_with_visionzip_inputs(
     blocks itself, as ``Qwen2_5_VisionTransformer.forward`` does, and recomputes the scoring
     block's query and key from its own ``qkv`` (one extra projection, small next to attention).
     """
+    scoring_block = max(visual.fullatt_block_indexes)
+    captured = {}
+
+    def capture(index, block, hidden, cos, sin):
+        if index == scoring_block:
+            captured["qk"] = _rotated_query_key(block, hidden, cos, sin)
+
+    hidden, meta = _run_vit_blocks(visual, pixel_values, grid_thw, before_block=capture)
+    query, key = captured["qk"]
+    reverse = meta["reverse_indices"]
+    merged = visual.merger(hidden)[reverse]
+    sizes = [t * h * w for t, h, w in grid_thw]
+    scores, keys = merged_scores_and_keys(query, key, sizes, visual.spatial_merge_unit, reverse)
+    return merged, scores, keys
+
+
+def qwen_vit_with_block_outputs(
+    visual, pixel_values: torch.Tensor, grid_thw: list[list[int]], block_indices
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run vLLM's Qwen2.5-VL ViT; return the merger output [N, E] and, for each block in
+    ``block_indices``, its output mean-pooled over each 2x2 merge group, in raster order
+    [N, vision_hidden] (GlimpsePrune's VIP conditions; authors' ``_visual_forward``)."""
+    wanted = set(block_indices)
+    outputs = {}
+
+    def keep(index, block, hidden):
+        if index in wanted:
+            outputs[index] = hidden
+
+    hidden, meta = _run_vit_blocks(visual, pixel_values, grid_thw, after_block=keep)
+    reverse = meta["reverse_indices"]
+    unit = visual.spatial_merge_unit
+    pooled = {
+        i: out.reshape(out.shape[0] // unit, unit, -1).mean(dim=1)[reverse]
+        for i, out in outputs.items()
+    }
+    return visual.merger(hidden)[reverse], pooled
+
+
+def _run_vit_blocks(visual, pixel_values, grid_thw, before_block=None, after_block=None):
+    """The ViT up to (not including) the merger, as ``Qwen2_5_VisionTransformer.forward`` runs
+    it, with callbacks around each block; returns the last block's output (window order) and
+    the encoder metadata. The blocks are compile-wrapped, so hooks on them do not fire
+    (DESIGN.md §3): this loop is how we see inside."""
     meta = visual.prepare_encoder_metadata(grid_thw)
     hidden = visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)
     hidden = visual.patch_embed(hidden)
@@ -252,11 +343,10 @@ def qwen_vit_with_visionzip_inputs(
     hidden = hidden.reshape(seq_len // unit, unit, -1)[meta["window_index"]]
     hidden = hidden.reshape(seq_len, 1, -1)
     cos, sin = meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"]
-    scoring_block = max(visual.fullatt_block_indexes)
     for index, block in enumerate(visual.blocks):
         kind = "full" if index in visual.fullatt_block_indexes else "window"
-        if index == scoring_block:
-            query, key = _rotated_query_key(block, hidden, cos, sin)
+        if before_block is not None:
+            before_block(index, block, hidden, cos, sin)
         hidden = block(
             hidden,
             cu_seqlens=meta["cu_seqlens" if kind == "full" else "cu_window_seqlens"],
@@ -265,11 +355,9 @@ def qwen_vit_with_visionzip_inputs(
             max_seqlen=meta[f"max_seqlen_{kind}"],
             sequence_lengths=meta.get(f"sequence_lengths_{kind}"),
         )
-    reverse = meta["reverse_indices"]
-    merged = visual.merger(hidden)[reverse]
-    sizes = [t * h * w for t, h, w in grid_thw]
-    scores, keys = merged_scores_and_keys(query, key, sizes, unit, reverse)
-    return merged, scores, keys
+        if after_block is not None:
+            after_block(index, block, hidden.reshape(seq_len, -1))
+    return hidden, meta
 
 
 def merged_scores_and_keys(

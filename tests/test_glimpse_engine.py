@@ -1,0 +1,142 @@
+"""GlimpsePrune inside the vLLM engine, on the tiny models with synthetic checkpoints.
+
+* greedy tokens of vLLM + plugin equal the independent HF reference (tests/reference/
+  glimpse_hf.py) for the mixed batch (several image sizes, a two-image prompt, text-only
+  prompts), with a forced keep ratio and with the checkpoint's own threshold rule;
+* the per-request stats in ``RequestOutput.kv_transfer_params["vllm_glimpse"]`` equal the
+  reference's kept counts;
+* the scheduler's free-block count after the prefill step is total - sum(cdiv(kept length,
+  block size)) and returns to total when every request has finished.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from vllm import SamplingParams
+
+from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
+from vllm_glimpse.engine.scheduler import STATS_KEY
+from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.testing.generate import make_llm, shutdown
+from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
+from vllm_glimpse.testing.workloads import build_request, mixed_batch
+
+MAX_TOKENS = 6
+FAMILIES = ["qwen2_5_vl", "llava"]
+HF_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "llava": LlavaForConditionalGeneration}
+PREPARE = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("glimpse_ckpt")
+    return {f: str(write_tiny_checkpoint(root / f, f, AutoConfig.from_pretrained(tiny_models[f])))
+            for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_models, checkpoints):
+    """family -> (HF model, processor, predictor), float32, eager attention."""
+    out = {}
+    for f in FAMILIES:
+        model = HF_CLASSES[f].from_pretrained(tiny_models[f], attn_implementation="eager").eval()
+        predictor = load_glimpse_checkpoint(checkpoints[f], model.config, dtype=torch.float32).predictor
+        out[f] = (model, AutoProcessor.from_pretrained(tiny_models[f]), predictor)
+    return out
+
+
+def _reference(hf, family, prompt, images, rule):
+    model, processor, predictor = hf[family]
+    layers = predictor.config.selected_visual_layers
+    prepared = PREPARE[family](model, processor, prompt, images, layers)
+    return glimpse_generate(model, prepared, predictor, MAX_TOKENS, keep_rule=rule)
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+# Keep rules: a forced ratio, and the checkpoint's own (threshold 0.5, at least 1 token).
+RULES = {
+    "fixed_0.25": ({"fixed_ratio": 0.25}, KeepRule(fixed_remain_ratio=0.25)),
+    "threshold": ({}, None),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, family, rule):
+    knobs, keep_rule = RULES[rule]
+    llm = make_llm(tiny_models[family], method="glimpse",
+                   knobs={"checkpoint": checkpoints[family], **knobs})
+    try:
+        tokenizer = llm.get_tokenizer()
+        specs = mixed_batch()
+        prompts = [build_request(tokenizer, s) for s in specs]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    pruned_somewhere = False
+    for spec, prompt, out in zip(specs, prompts, outputs):
+        images = [img.build() for img in spec.images]
+        want = _reference(hf, family, prompt["prompt"], images, keep_rule)
+        assert list(out.outputs[0].token_ids) == want.tokens, f"{spec}: tokens differ from the reference"
+        stats = (out.kv_transfer_params or {}).get(STATS_KEY)
+        if not images:
+            assert stats is None  # text-only requests are untouched
+            continue
+        num_image_tokens = int(want.keep.numel())
+        assert stats["image_tokens_before"] == num_image_tokens
+        assert stats["image_tokens_per_image_after"] == want.kept_per_image
+        assert stats["image_tokens_after"] == int(want.keep.sum())
+        assert stats["prompt_tokens_after"] == int(want.survivor_index.numel())
+        pruned_somewhere |= stats["image_tokens_after"] < num_image_tokens
+    assert pruned_somewhere
+
+
+def _expected_blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tail_blocks_return_to_the_pool_in_the_prefill_step(tiny_models, checkpoints, family):
+    llm = make_llm(tiny_models[family], method="glimpse",
+                   knobs={"checkpoint": checkpoints[family], "fixed_ratio": 0.1}, block_size=32)
+    try:
+        engine = llm.llm_engine
+        scheduler = _scheduler(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        block_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        assert block_size == 32
+        total = pool.get_num_free_blocks()
+        tokenizer = llm.get_tokenizer()
+        specs = mixed_batch()
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        for i, spec in enumerate(specs):
+            engine.add_request(str(i), build_request(tokenizer, spec), params)
+        engine.step()  # the prefill step: every prompt fits, every image request prunes
+        running = {r.request_id: r for r in scheduler.running}
+        assert len(running) == len(specs)
+        lengths = {}
+        for req_id, request in running.items():
+            assert request.num_computed_tokens == request.num_prompt_tokens
+            lengths[req_id] = request.num_computed_tokens
+            if specs[int(req_id.split("-")[0])].images:
+                assert not request.mm_features  # pruned: its images are consumed
+                assert req_id in scheduler.glimpse_originals
+        held = sum(_expected_blocks(n, block_size) for n in lengths.values())
+        assert pool.get_num_free_blocks() == total - held
+        # and far fewer than the unpruned prompts would hold
+        originals = scheduler.glimpse_originals
+        unpruned = sum(_expected_blocks(len(originals[r][0]) if r in originals else n, block_size)
+                       for r, n in lengths.items())
+        assert held < unpruned
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert pool.get_num_free_blocks() == total
+        assert not scheduler.glimpse_originals and not scheduler.glimpse_stats
+    finally:
+        shutdown(llm)

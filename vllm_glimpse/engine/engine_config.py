@@ -1,0 +1,105 @@
+"""The engine settings GlimpsePrune needs, applied when it is on (vLLM 0.32).
+
+Pruning inside the forward changes a request's length after the step that computed it, which
+only some of the engine's machinery can follow:
+
+* prefix caching off: a pruned request's blocks hold compacted K/V, not the prompt's;
+* chunked prefill off: a request's images and its glimpse token (the last prompt token) must be
+  in one step, since the keep decision at layer K reads all of them and moves their K/V;
+  ``max_num_batched_tokens`` is raised to ``max_model_len`` so any prompt fits in a step;
+* eager mode: layers after K run on a different token count with rebuilt attention metadata
+  (CUDA graphs and ``torch.compile`` would freeze both);
+* async scheduling off: the scheduler must learn the new length before it schedules again;
+* the V1 model runner, our scheduler and our worker (:mod:`vllm_glimpse.engine`).
+
+Applied through vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``, run inside
+``VllmConfig.__post_init__`` before the platform resolves these settings), so they hold for
+``LLM(...)``, ``vllm serve`` and any other entry point. A setting the user turned on explicitly
+cannot be told apart from vLLM's default here, so it is overridden with a warning; the CLI
+(:mod:`vllm_glimpse.cli`) refuses the conflicting flags outright.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vllm_glimpse.settings import PruningSettingsError, pruning_config_of
+
+logger = logging.getLogger("vllm_glimpse")
+
+SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
+CPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseCPUWorker"
+GPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseGPUWorker"
+
+
+def _set(obj, name: str, value, why: str) -> None:
+    before = getattr(obj, name)
+    if before != value:
+        if before not in (None, "auto"):
+            logger.warning("vllm-glimpse: GlimpsePrune sets %s=%r (was %r): %s", name, value, before, why)
+        setattr(obj, name, value)
+
+
+def apply_glimpse_engine_settings(vllm_config) -> None:
+    """Force the settings listed in the module docstring when the model runs GlimpsePrune."""
+    model_config = vllm_config.model_config
+    if model_config is None or pruning_config_of(model_config.hf_config).method != "glimpse":
+        return
+    from vllm.platforms import current_platform
+
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise PruningSettingsError(
+            "GlimpsePrune runs on one device (tensor_parallel_size and pipeline_parallel_size 1): "
+            "the keep decision gathers every attention head of layer K"
+        )
+    if vllm_config.speculative_config is not None:
+        raise PruningSettingsError("GlimpsePrune does not support speculative decoding")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"):
+        raise PruningSettingsError(
+            "GlimpsePrune needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+        )
+    sched = vllm_config.scheduler_config
+    cache = vllm_config.cache_config
+    _set(cache, "enable_prefix_caching", False, "pruned requests hold compacted KV blocks")
+    _set(sched, "enable_chunked_prefill", False,
+         "a request's images and glimpse token must be computed in one step")
+    if sched.max_num_batched_tokens < model_config.max_model_len:
+        sched.max_num_batched_tokens = model_config.max_model_len
+        sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens,
+                                                 model_config.max_model_len)
+        sched.encoder_cache_size = max(sched.encoder_cache_size, model_config.max_model_len)
+    sched.long_prefill_token_threshold = 0
+    if sched.async_scheduling:
+        raise PruningSettingsError(
+            "GlimpsePrune needs async scheduling off (the scheduler must learn each pruned "
+            "request's new length before the next step): drop --async-scheduling"
+        )
+    sched.async_scheduling = False
+    _set(model_config, "enforce_eager", True,
+         "layers after K run on the survivors with rebuilt attention metadata")
+    if sched.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise PruningSettingsError(
+            f"GlimpsePrune brings its own scheduler ({SCHEDULER_CLS}); got scheduler_cls="
+            f"{sched.scheduler_cls!r}"
+        )
+    sched.scheduler_cls = SCHEDULER_CLS
+    worker = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+    if parallel.worker_cls not in ("auto", worker):
+        raise PruningSettingsError(
+            f"GlimpsePrune brings its own worker ({worker}); got worker_cls={parallel.worker_cls!r}"
+        )
+    parallel.worker_cls = worker
+
+
+class GlimpseEngineConfig:
+    """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks)."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        apply_glimpse_engine_settings(vllm_config)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return

@@ -1,0 +1,65 @@
+"""What the runner and the model exchange in a step that prunes.
+
+The runner builds a :class:`GlimpseStepPlan` before the forward: for every request whose prefill
+ends in this step and that has images, a :class:`PruneRequest` naming its rows in the batch.
+The model runs layers 0..K, decides, moves the KV, and records one :class:`PruneResult` per
+request; the runner reads them after sampling to shrink the request's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image of a request: its first token's row in the request's prompt, token count, and
+    grid (rows, columns of LLM tokens)."""
+
+    offset: int
+    length: int
+    grid_hw: tuple[int, int]
+
+
+@dataclass
+class PruneRequest:
+    req_id: str
+    batch_index: int  # the request's row in the persistent batch (query_start_loc index)
+    row_start: int  # its first scheduled token's row in this step's flattened batch
+    num_prompt_tokens: int  # the whole prompt, glimpse token included (it is the last one)
+    images: list[ImageSpan]
+    block_ids: list[int]  # its KV blocks (group 0), in order
+
+    @property
+    def glimpse_row(self) -> int:
+        return self.row_start + self.num_prompt_tokens - 1
+
+
+@dataclass
+class PruneResult:
+    """Who survived: ``kept_rows`` are rows of the request's prompt (glimpse token excluded)."""
+
+    kept_rows: torch.Tensor  # [P'] int64, ascending, local to the prompt
+    num_prompt_tokens: int  # P, glimpse token included
+    image_tokens_before: int
+    image_tokens_after: int
+    kept_per_image: list[int]
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.kept_rows.numel())
+
+
+@dataclass
+class GlimpseStepPlan:
+    """Handed to the model for one forward. ``switch_attention`` is the runner's callback that
+    points the given layers at new attention metadata and slot mappings for the survivors."""
+
+    requests: list[PruneRequest]
+    block_size: int
+    # (layer names, per-request query lengths, per-request seq lens, slot mapping, token count)
+    switch_attention: Callable[..., None]
+    results: dict[str, PruneResult] = field(default_factory=dict)

@@ -1,0 +1,260 @@
+"""The worker side of GlimpsePrune: plan a step, rebuild attention metadata mid-forward, and
+shrink each pruned request's state after the step (vLLM 0.32 V1 ``GPUModelRunner``; the CPU
+runner subclasses it).
+
+After a request is pruned from P prompt tokens (glimpse token included) to P' survivors:
+
+* its prompt is the survivors' token ids; its first P' cache slots hold their K/V; its block
+  table keeps ``cdiv(P', block_size)`` blocks (the scheduler frees the rest in the same step);
+* its images are consumed (``mm_features`` cleared, so no step gathers them again);
+* decoding continues at the original positions: token index i of the short sequence has
+  position ``i + (P - 1 - P')`` — for Qwen2.5-VL through ``mrope_position_delta``, for LLaVA's
+  1-D positions through a per-request offset added to the positions the runner computes.
+
+The original prompt is kept: if the scheduler preempts the request, it is recomputed from it
+(the engine scheduler restores the same state on its side, see :mod:`.scheduler`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
+
+logger = logging.getLogger("vllm_glimpse")
+
+#: Attribute of ``ModelRunnerOutput`` that carries ``{req_id: stats}`` to the scheduler.
+OUTPUT_ATTR = "glimpse_pruned"
+
+
+@dataclass
+class OriginalRequest:
+    """What a pruned request looked like before the step that pruned it."""
+
+    prompt_token_ids: list[int]
+    mm_features: list
+    mrope_positions: torch.Tensor | None
+    mrope_position_delta: int | None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GlimpseRunnerMixin:
+    """Mixed into vLLM's V1 model runner (GPU or CPU)."""
+
+    def _glimpse_state(self) -> dict[str, Any]:
+        state = self.__dict__.get("_glimpse_runner_state")
+        if state is None:
+            state = {"originals": {}, "offsets": {}, "plan": None}
+            self.__dict__["_glimpse_runner_state"] = state
+        return state
+
+    @property
+    def _glimpse_model(self):
+        model = self.get_model()
+        return model if getattr(model, "glimpse_enabled", False) else None
+
+    # ---- before the step ---------------------------------------------------------------------
+
+    def _update_states(self, scheduler_output):
+        state = self._glimpse_state()
+        for req_id in scheduler_output.finished_req_ids:
+            state["originals"].pop(req_id, None)
+            state["offsets"].pop(req_id, None)
+        # A pruned request the scheduler preempted comes back to be recomputed from its
+        # original prompt (the scheduler has restored the same on its side).
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            original = state["originals"].pop(req_id, None)
+            if original is None:
+                continue
+            state["offsets"].pop(req_id, None)
+            req_state = self.requests[req_id]
+            req_state.prompt_token_ids = list(original.prompt_token_ids)
+            req_state.num_prompt_tokens = len(original.prompt_token_ids)
+            req_state.mm_features = original.mm_features
+            req_state.mrope_positions = original.mrope_positions
+            req_state.mrope_position_delta = original.mrope_position_delta
+        return super()._update_states(scheduler_output)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        state = self._glimpse_state()
+        model = self._glimpse_model
+        if model is None:
+            return out
+        num_reqs = self.input_batch.num_reqs
+        starts = self.query_start_loc.np[: num_reqs + 1]
+        # LLaVA's 1-D positions: pruned requests continue at their original positions. (The
+        # slot mapping was computed from the token indices above, before this.)
+        if not self.uses_mrope and state["offsets"]:
+            for i, req_id in enumerate(self.input_batch.req_ids):
+                offset = state["offsets"].get(req_id)
+                if offset:
+                    self.positions[int(starts[i]): int(starts[i + 1])] += offset
+        state["plan"] = self._plan_step(model, num_scheduled_tokens, starts)
+        model.glimpse_plan = state["plan"]
+        return out
+
+    def _plan_step(self, model, num_scheduled_tokens: np.ndarray, starts: np.ndarray):
+        requests = []
+        for i, req_id in enumerate(self.input_batch.req_ids):
+            req_state = self.requests[req_id]
+            images = [f for f in req_state.mm_features if f.modality == "image"]
+            if not images:
+                continue
+            computed = int(self.input_batch.num_computed_tokens_cpu[i])
+            if computed + int(num_scheduled_tokens[i]) != req_state.num_prompt_tokens:
+                continue  # its prefill does not end in this step
+            if computed != 0:
+                raise RuntimeError(
+                    f"vllm-glimpse: request {req_id} reached its glimpse token in a later step than "
+                    f"its first prompt tokens; GlimpsePrune needs the whole prompt in one step "
+                    f"(chunked prefill off, which the plugin sets)"
+                )
+            spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, model.glimpse_image_grid(f))
+                     for f in sorted(images, key=lambda f: f.mm_position.offset)]
+            requests.append(PruneRequest(
+                req_id=req_id, batch_index=i, row_start=int(starts[i]),
+                num_prompt_tokens=req_state.num_prompt_tokens, images=spans,
+                block_ids=list(req_state.block_ids[0]),
+            ))
+        if not requests:
+            return None
+        if len(self.kv_cache_config.kv_cache_groups) != 1:
+            raise RuntimeError("vllm-glimpse: GlimpsePrune supports models with one KV cache group")
+        block_size = self.input_batch.block_table[0].block_size
+        return GlimpseStepPlan(requests=requests, block_size=block_size,
+                               switch_attention=self._switch_attention)
+
+    # ---- during the forward --------------------------------------------------------------------
+
+    def _switch_attention(self, layer_names: list[str], removed: dict[int, int],
+                          slot_mapping: torch.Tensor, num_tokens: int) -> None:
+        """Point ``layer_names`` at attention metadata for the batch after pruning: request
+        ``i`` lost ``removed[i]`` query tokens (and as many from its sequence)."""
+        num_reqs = self.input_batch.num_reqs
+        query_start = self.query_start_loc.cpu[: num_reqs + 1].clone()
+        query_lens = query_start.diff()
+        seq_lens = (self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs].to(query_lens.dtype)
+                    + query_lens)
+        for i, n in removed.items():
+            query_lens[i] -= n
+            seq_lens[i] -= n
+        query_start[1:] = torch.cumsum(query_lens, 0)
+        device = self.query_start_loc.gpu.device
+        cm = CommonAttentionMetadata(
+            query_start_loc=query_start.to(device, non_blocking=True),
+            query_start_loc_cpu=query_start,
+            seq_lens=seq_lens.to(device=device, dtype=self.seq_lens.dtype),
+            seq_lens_cpu_upper_bound=seq_lens,
+            num_reqs=num_reqs,
+            num_actual_tokens=num_tokens,
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=self.input_batch.block_table[0].get_device_tensor(num_reqs),
+            slot_mapping=slot_mapping,
+            causal=True,
+            is_prefilling=(self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs]
+                           < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs]),
+        )
+        context = get_forward_context()
+        wanted = set(layer_names)
+        for attn_group in self.attn_groups[0]:
+            names = [n for n in attn_group.layer_names if n in wanted]
+            if not names:
+                continue
+            metadata = attn_group.build_metadata(cm, 0)
+            for name in names:
+                context.attn_metadata[name] = metadata
+                context.slot_mapping[name] = slot_mapping
+
+    def _model_forward(self, *args, **kwargs):
+        try:
+            return super()._model_forward(*args, **kwargs)
+        finally:
+            model = self._glimpse_model
+            if model is not None:
+                model.glimpse_plan = None
+
+    # ---- after the step ----------------------------------------------------------------------
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        state = self._glimpse_state()
+        plan: GlimpseStepPlan | None = state["plan"]
+        state["plan"] = None
+        if plan is None or not plan.results:
+            return output
+        stats = {}
+        for req in plan.requests:
+            result = plan.results.get(req.req_id)
+            if result is None or req.req_id not in self.requests:
+                continue
+            kept_ids = self._shrink_request(req, result)
+            stats[req.req_id] = {
+                "image_tokens_before": result.image_tokens_before,
+                "image_tokens_after": result.image_tokens_after,
+                "image_tokens_per_image_after": result.kept_per_image,
+                "prompt_tokens_before": result.num_prompt_tokens - 1,  # without the glimpse token
+                "prompt_tokens_after": result.num_kept,
+                "kept_prompt_token_ids": kept_ids,
+            }
+        setattr(output, OUTPUT_ATTR, stats)
+        return output
+
+    def _shrink_request(self, req: PruneRequest, result: PruneResult) -> list[int]:
+        """P -> P' on the worker: prompt ids, token buffer, counts, block table, positions."""
+        state = self._glimpse_state()
+        req_state = self.requests[req.req_id]
+        P, kept = result.num_prompt_tokens, result.num_kept
+        original = list(req_state.prompt_token_ids)
+        state["originals"][req.req_id] = OriginalRequest(
+            original, req_state.mm_features, req_state.mrope_positions, req_state.mrope_position_delta)
+        kept_rows = result.kept_rows.tolist()
+        kept_ids = [original[j] for j in kept_rows]
+        outputs = list(req_state.output_token_ids)  # the token sampled now, unless discarded
+        req_state.prompt_token_ids = kept_ids
+        req_state.num_prompt_tokens = kept
+        req_state.num_computed_tokens = kept
+        req_state.mm_features = []
+        shift = (P - 1) - kept  # original position of short index i is i + shift
+        if req_state.mrope_positions is not None:
+            req_state.mrope_positions = req_state.mrope_positions[:, result.kept_rows]
+            req_state.mrope_position_delta += shift
+        else:
+            state["offsets"][req.req_id] = shift
+        num_blocks = _cdiv(kept, self.input_batch.block_table[0].block_size)
+        for block_ids in req_state.block_ids:
+            del block_ids[num_blocks:]
+        index = self.input_batch.req_id_to_index.get(req.req_id)
+        if index is not None:
+            batch = self.input_batch
+            total = kept + len(outputs)
+            batch.token_ids_cpu[index, :kept] = kept_ids
+            batch.token_ids_cpu[index, kept:total] = outputs
+            batch.is_token_ids[index, :total] = True
+            batch.num_tokens_no_spec[index] = total
+            batch.num_prompt_tokens[index] = kept
+            batch.num_computed_tokens_cpu[index] = kept
+            for table in batch.block_table.block_tables:
+                table.num_blocks_per_row[index] = num_blocks
+        return kept_ids
+
+
+class GlimpseCPUModelRunner(GlimpseRunnerMixin, CPUModelRunner):
+    pass
+
+
+class GlimpseGPUModelRunner(GlimpseRunnerMixin, GPUModelRunner):
+    pass

@@ -1,0 +1,131 @@
+"""Where the scheduler learns a request's new length (vLLM 0.32 V1 ``Scheduler``).
+
+The worker reports, with the step's output, every request it pruned: P prompt tokens (glimpse
+token included) became P' survivors. In the same ``update_from_output`` call the scheduler
+
+* shrinks the request: prompt = the survivors' ids, ``num_computed_tokens -= P - P'`` (so the
+  next step decodes at index P'), its images marked consumed;
+* returns the tail KV blocks to the pool: the request keeps ``cdiv(P', block_size)`` blocks,
+  exactly the ones the worker keeps in its block table;
+* attaches the request's pruning stats to its final output (``kv_transfer_params
+  ["vllm_glimpse"]``, the one per-request dict vLLM carries from the engine to
+  ``RequestOutput`` and to the OpenAI response) and logs them.
+
+Preemption: a pruned request cannot be recomputed from its survivors (their K/V depend on the
+pruned tokens in layers 0..K). When vLLM preempts one, its original prompt comes back (the
+tokens it already generated are kept); on resumption the first step computes only the prompt,
+prunes again (the sampled token is discarded as for a partial prefill), and the generated
+tokens follow as a chunk over the short cache, as in the original run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_glimpse.engine.runner import OUTPUT_ATTR
+
+logger = logging.getLogger("vllm_glimpse")
+
+#: Key of ``RequestOutput.kv_transfer_params`` holding a request's pruning stats.
+STATS_KEY = "vllm_glimpse"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _replace_tokens(request, prompt: list[int]) -> None:
+    """Set a request's prompt, keeping its generated tokens (in place: vLLM holds views)."""
+    outputs = list(request._output_token_ids)
+    request.prompt_token_ids = prompt
+    request._all_token_ids[:] = prompt + outputs
+    request.num_prompt_tokens = len(prompt)
+
+
+class GlimpseScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.glimpse_originals: dict[str, tuple[list[int], list]] = {}
+        self.glimpse_stats: dict[str, dict] = {}
+
+    # ---- scheduling: a request's prompt step ends at its glimpse token -----------------------
+
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
+        # A request recomputed after preemption holds its prompt and its generated tokens: the
+        # prompt (ending in the glimpse token) must be a step of its own, pruned before the
+        # generated tokens are computed over the short cache.
+        if num_computed_tokens < request.num_prompt_tokens:
+            num_new_tokens = min(num_new_tokens, request.num_prompt_tokens - num_computed_tokens)
+        return super()._try_schedule_encoder_inputs(
+            request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+
+    # ---- after a step: the new lengths ---------------------------------------------------------
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        pruned = getattr(model_runner_output, OUTPUT_ATTR, None) or {}
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, stats in pruned.items():
+            public = {k: v for k, v in stats.items() if k != "kept_prompt_token_ids"}
+            self.glimpse_stats[req_id] = public
+            logger.info(
+                "vllm-glimpse: request %s kept %d of %d image tokens (prompt %d -> %d tokens)",
+                req_id, public["image_tokens_after"],
+                public["image_tokens_before"], public["prompt_tokens_before"],
+                public["prompt_tokens_after"])
+            request = self.requests.get(req_id)
+            if request is not None and not request.is_finished():
+                self._shrink_request(request, stats)
+        if self.glimpse_stats:
+            for engine_outputs in outputs.values():
+                for out in engine_outputs.outputs:
+                    if out.finished and out.request_id in self.glimpse_stats:
+                        params = dict(out.kv_transfer_params or {})
+                        params[STATS_KEY] = self.glimpse_stats.pop(out.request_id)
+                        out.kv_transfer_params = params
+        return outputs
+
+    def _shrink_request(self, request, stats: dict) -> None:
+        kept_ids = list(stats["kept_prompt_token_ids"])
+        before = request.num_prompt_tokens
+        self.glimpse_originals[request.request_id] = (list(request.prompt_token_ids), request.mm_features)
+        _replace_tokens(request, kept_ids)
+        request.num_computed_tokens -= before - len(kept_ids)
+        # Its images were computed in the step that pruned it (and their encoder outputs freed
+        # by update_from_output): nothing left to schedule for them.
+        request.mm_features = []
+        self._free_tail_blocks(request.request_id, len(kept_ids))
+
+    def _free_tail_blocks(self, req_id: str, num_tokens: int) -> None:
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            blocks = manager.req_to_blocks.get(req_id)
+            if not blocks:
+                continue
+            keep = _cdiv(num_tokens, manager.block_size)
+            tail = blocks[keep:]
+            del blocks[keep:]
+            if req_id in manager.num_cached_block:
+                manager.num_cached_block[req_id] = min(manager.num_cached_block[req_id], keep)
+            manager.block_pool.free_blocks(reversed(tail))
+
+    # ---- preemption and the end of a request ---------------------------------------------------
+
+    def _preempt_request(self, request, timestamp, *args, **kwargs) -> None:
+        super()._preempt_request(request, timestamp, *args, **kwargs)
+        original = self.glimpse_originals.pop(request.request_id, None)
+        if original is not None:
+            prompt, mm_features = original
+            _replace_tokens(request, prompt)
+            request.mm_features = mm_features
+
+    def _free_request(self, request, *args, **kwargs):
+        self.glimpse_originals.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    def finish_requests(self, request_ids, *args, **kwargs):
+        result = super().finish_requests(request_ids, *args, **kwargs)
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids or [])
+        for req_id in ids:
+            self.glimpse_stats.pop(req_id, None)
+        return result
