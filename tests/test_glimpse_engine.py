@@ -140,3 +140,76 @@ def test_tail_blocks_return_to_the_pool_in_the_prefill_step(tiny_models, checkpo
         assert not scheduler.glimpse_originals and not scheduler.glimpse_stats
     finally:
         shutdown(llm)
+
+
+def _run_alone(llm, requests, params):
+    """Each request on its own in the engine: {request id: tokens}."""
+    engine = llm.llm_engine
+    out = {}
+    for req_id, prompt in requests:
+        engine.add_request(req_id, prompt, params[req_id])
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, family):
+    """200 mixed requests through a small KV cache, with forced preemption of every running
+    request at three steps (vLLM's ``reset_prefix_cache(reset_running_requests=True)``): pruned
+    requests are recomputed from their original prompt; some requests are aborted while waiting
+    or running. Every other request gives the tokens it gives alone, and no block leaks."""
+    specs = mixed_batch()
+    knobs = {"checkpoint": checkpoints[family], "fixed_ratio": 0.25}
+    small = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32,
+                     num_gpu_blocks_override=24, max_num_seqs=48, max_model_len=512)
+    try:
+        tokenizer = small.get_tokenizer()
+        requests, params = [], {}
+        for i in range(200):
+            spec = specs[i % len(specs)]
+            req_id = f"r{i}"
+            requests.append((req_id, build_request(tokenizer, spec)))
+            params[req_id] = SamplingParams(temperature=0.0, max_tokens=4 + (i * 5) % 16, ignore_eos=True)
+        aborted = {f"r{i}" for i in range(3, 200, 9)}
+        engine = small.llm_engine
+        scheduler = _scheduler(small)
+        pool = scheduler.kv_cache_manager.block_pool
+        total = pool.get_num_free_blocks()
+        preempted = {"all": 0, "pruned": 0}
+        original_preempt = scheduler._preempt_request
+
+        def counting_preempt(request, *args, **kwargs):
+            preempted["all"] += 1
+            preempted["pruned"] += request.request_id in scheduler.glimpse_originals
+            return original_preempt(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting_preempt
+        for req_id, prompt in requests:
+            engine.add_request(req_id, prompt, params[req_id])
+        finished, steps = {}, 0
+        while engine.has_unfinished_requests():
+            steps += 1
+            if steps == 5:  # some of these are running, some still waiting
+                engine.abort_request(sorted(aborted))
+            if steps in (8, 16, 30):  # forced preemption of everything running (vLLM's own)
+                scheduler.reset_prefix_cache(reset_running_requests=True)
+            for o in engine.step():
+                if o.finished:
+                    finished[o.request_id] = list(o.outputs[0].token_ids)
+        assert preempted["pruned"] > 0, preempted
+        assert pool.get_num_free_blocks() == total  # no leaked blocks
+        assert not scheduler.glimpse_originals and not scheduler.glimpse_stats
+    finally:
+        shutdown(small)
+    kept = [(r, p) for r, p in requests if r not in aborted]
+    assert set(finished) == {r for r, _ in kept}
+    big = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32, max_model_len=512)
+    try:
+        alone = _run_alone(big, kept, params)
+    finally:
+        shutdown(big)
+    differing = [r for r, _ in kept if finished[r] != alone[r]]
+    assert not differing, f"{len(differing)} requests differ from their run alone: {differing[:5]}"
