@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
@@ -19,6 +21,7 @@ from vllm import SamplingParams
 from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
 from vllm_glimpse.engine.scheduler import STATS_KEY
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.settings import LOGGER_NAME
 from vllm_glimpse.testing.generate import make_llm, shutdown
 from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import build_request, mixed_batch
@@ -69,8 +72,16 @@ RULES = {
 @pytest.mark.parametrize("rule", list(RULES))
 def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, family, rule):
     knobs, keep_rule = RULES[rule]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
     llm = make_llm(tiny_models[family], method="glimpse",
                    knobs={"checkpoint": checkpoints[family], **knobs})
+    # (after the engine starts: vLLM's logging setup resets loggers under "vllm")
+    ours = logging.getLogger(LOGGER_NAME)
+    level = ours.level
+    ours.setLevel(logging.INFO)  # the tests run vLLM at WARNING (conftest)
+    ours.addHandler(handler)
     try:
         tokenizer = llm.get_tokenizer()
         specs = mixed_batch()
@@ -79,6 +90,9 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, f
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         shutdown(llm)
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+    logged = [r.getMessage() for r in records]
     pruned_somewhere = False
     for spec, prompt, out in zip(specs, prompts, outputs):
         images = [img.build() for img in spec.images]
@@ -94,6 +108,9 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, f
         assert stats["image_tokens_after"] == int(want.keep.sum())
         assert stats["prompt_tokens_after"] == int(want.survivor_index.numel())
         pruned_somewhere |= stats["image_tokens_after"] < num_image_tokens
+        line = (f"kept {stats['image_tokens_after']} of {num_image_tokens} image tokens (prompt "
+                f"{stats['prompt_tokens_before']} -> {stats['prompt_tokens_after']} tokens)")
+        assert any(line in m for m in logged), line
     assert pruned_somewhere
 
 

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+#: Our log lines go through vLLM's ``vllm`` logger (its handlers and format, in every process).
+LOGGER_NAME = "vllm.vllm_glimpse"
 SETTINGS_ATTR = "vllm_glimpse"  # attribute of the HF config that carries PruningConfig.to_dict()
 
 METHODS = ("none", "visionzip", "glimpse")

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_glimpse.settings import PruningSettingsError, pruning_config_of
+from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
-logger = logging.getLogger("vllm_glimpse")
+logger = logging.getLogger(LOGGER_NAME)
 
 SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
 CPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseCPUWorker"
@@ -37,7 +37,7 @@ def _set(obj, name: str, value, why: str) -> None:
     before = getattr(obj, name)
     if before != value:
         if before not in (None, "auto"):
-            logger.warning("vllm-glimpse: GlimpsePrune sets %s=%r (was %r): %s", name, value, before, why)
+            logger.info("vllm-glimpse: GlimpsePrune sets %s=%r (was %r): %s", name, value, before, why)
         setattr(obj, name, value)
 
 

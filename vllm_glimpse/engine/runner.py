@@ -30,7 +30,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
 
-logger = logging.getLogger("vllm_glimpse")
+from vllm_glimpse.settings import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 #: Attribute of ``ModelRunnerOutput`` that carries ``{req_id: stats}`` to the scheduler.
 OUTPUT_ATTR = "glimpse_pruned"

@@ -26,7 +26,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_glimpse.engine.runner import OUTPUT_ATTR
 
-logger = logging.getLogger("vllm_glimpse")
+from vllm_glimpse.settings import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 #: Key of ``RequestOutput.kv_transfer_params`` holding a request's pruning stats.
 STATS_KEY = "vllm_glimpse"

@@ -32,9 +32,9 @@ from vllm.forward_context import get_forward_context
 from vllm_glimpse.engine.kv import AttentionRecorder, compact_kv, compacted_slots
 from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
 from vllm_glimpse.glimpse import GlimpseCheckpoint, glimpse_attention_scores, load_glimpse_checkpoint
-from vllm_glimpse.settings import PruningSettingsError, pruning_config_of
+from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
-logger = logging.getLogger("vllm_glimpse")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 class GlimpseModelMixin:
