@@ -7,9 +7,11 @@ the keep decision, survivor j of a request (j-th kept row) belongs at slot
 
 The K/V are the post-RoPE tensors the attention layers received in this step (recorded by
 :class:`AttentionRecorder`), so the survivors keep the rotary phase of their original positions.
-They are written through the attention backend's own cache writer (``impl.do_kv_cache_update``):
-the CPU backend stores K/V inside a block in an ISA-dependent packed layout that only its writer
-knows; on GPU the same call is FlashAttention's ``reshape_and_cache_flash``. Writing from the
+On GPU with FlashAttention (unquantized cache) our Triton kernel writes them
+(``kernels/kv_compaction_triton.py``) into the cache's ``(blocks, block_size, heads, D)`` views;
+anywhere else the attention backend's own cache writer does (``impl.do_kv_cache_update``): the
+CPU backend stores K/V inside a block in an ISA-dependent packed layout that only its writer
+knows. Writing from the
 recorded tensors (never cache to cache) is what makes the move safe when a survivor's new slot is
 another survivor's old one.
 """
@@ -55,12 +57,30 @@ class AttentionRecorder:
         self.query = self.key = self.value = None
 
 
+def _flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(key_cache, value_cache) as ``[blocks, block_size, heads, D]`` views when the layer runs
+    vLLM 0.32's FlashAttention on a CUDA cache ``[blocks, heads, block_size, 2 * D]`` in the
+    model's dtype (its ``do_kv_cache_update`` takes the same views); else None."""
+    cache = attn.kv_cache
+    if (type(attn.impl).__name__ != "FlashAttentionImpl" or attn.impl.kv_cache_dtype != "auto"
+            or not isinstance(cache, torch.Tensor) or not cache.is_cuda or cache.dim() != 4
+            or cache.shape[-1] != 2 * attn.head_size):
+        return None
+    return tuple(cache.transpose(1, 2).split(attn.head_size, dim=-1))
+
+
 def compact_kv(recorders: Sequence[AttentionRecorder], rows: torch.Tensor, slots: torch.Tensor) -> None:
     """Write rows ``rows`` of each recorded layer's K/V to ``slots`` of that layer's cache."""
     if rows.numel() == 0:
         return
+    from vllm_glimpse.kernels.kv_compaction_triton import scatter_kv_to_slots
+
     for rec in recorders:
         attn = rec.attn
         key = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
         value = rec.value.view(-1, attn.num_kv_heads, attn.head_size_v)[rows]
-        attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slots)
+        views = _flash_attention_views(attn)
+        if views is not None:
+            scatter_kv_to_slots(key, value, *views, slots)
+        else:
+            attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slots)
