@@ -57,7 +57,7 @@ class AttentionRecorder:
         self.query = self.key = self.value = None
 
 
-def _flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
+def flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(key_cache, value_cache) as ``[blocks, block_size, heads, D]`` views when the layer runs
     vLLM 0.32's FlashAttention on a CUDA cache ``[blocks, heads, block_size, 2 * D]`` in the
     model's dtype (its ``do_kv_cache_update`` takes the same views); else None."""
@@ -79,7 +79,7 @@ def compact_kv(recorders: Sequence[AttentionRecorder], rows: torch.Tensor, slots
         attn = rec.attn
         key = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
         value = rec.value.view(-1, attn.num_kv_heads, attn.head_size_v)[rows]
-        views = _flash_attention_views(attn)
+        views = flash_attention_views(attn)
         if views is not None:
             scatter_kv_to_slots(key, value, *views, slots)
         else:

