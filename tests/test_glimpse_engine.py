@@ -180,8 +180,10 @@ def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, fami
     or running. Every other request gives the tokens it gives alone, and no block leaks."""
     specs = mixed_batch()
     knobs = {"checkpoint": checkpoints[family], "fixed_ratio": 0.25}
+    # the longest prompt fits (LLaVA: 576 tokens per image), and barely more
+    max_len = {"qwen2_5_vl": 512, "llava": 1280}[family]
     small = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32,
-                     num_gpu_blocks_override=24, max_num_seqs=48, max_model_len=512)
+                     num_gpu_blocks_override=max_len // 32 + 1, max_num_seqs=48, max_model_len=max_len)
     try:
         tokenizer = small.get_tokenizer()
         requests, params = [], {}
@@ -189,7 +191,7 @@ def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, fami
             spec = specs[i % len(specs)]
             req_id = f"r{i}"
             requests.append((req_id, build_request(tokenizer, spec)))
-            params[req_id] = SamplingParams(temperature=0.0, max_tokens=4 + (i * 5) % 16, ignore_eos=True)
+            params[req_id] = SamplingParams(temperature=0.0, max_tokens=3 + (i * 5) % 10, ignore_eos=True)
         aborted = {f"r{i}" for i in range(3, 200, 9)}
         engine = small.llm_engine
         scheduler = _scheduler(small)
@@ -223,7 +225,7 @@ def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, fami
         shutdown(small)
     kept = [(r, p) for r, p in requests if r not in aborted]
     assert set(finished) == {r for r, _ in kept}
-    big = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32, max_model_len=512)
+    big = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32, max_model_len=max_len)
     try:
         alone = _run_alone(big, kept, params)
     finally:
