@@ -94,6 +94,12 @@ class GlimpseScheduler(Scheduler):
         self.glimpse_originals[request.request_id] = (list(request.prompt_token_ids), request.mm_features)
         _replace_tokens(request, kept_ids)
         request.num_computed_tokens -= before - len(kept_ids)
+        # Positions continue from the original ones, so the request may not outgrow the length
+        # the unpruned one could reach (max_model_len, the model's position range): cap its
+        # output where vLLM would have stopped the unpruned request (prompt without the glimpse).
+        limit = self.max_model_len - (before - 1)
+        if request.max_tokens > limit:
+            request.max_tokens = limit
         # Its images were computed in the step that pruned it (and their encoder outputs freed
         # by update_from_output): nothing left to schedule for them.
         request.mm_features = []
