@@ -56,7 +56,8 @@ Each subprocess runs two engines:
    for both engines (B - 1 usable blocks of 128 tokens, one is vLLM's null block; at least 33;
    a vanilla request needs 13 blocks) and max_num_seqs 256.
    M requests (``max_tokens`` T2) are added at once and the engine is stepped; after each step
-   ``len(scheduler.running)`` (requests holding KV blocks, partial prefills included) is read,
+   the number of requests in ``scheduler.running`` whose whole prompt is in the cache (decoding;
+   a partial prefill, which vanilla's chunked prefill admits many of, is not counted) is read,
    its maximum is the number reported (and, for the steady state, the median over the last
    half of the steps). Stepping stops when every request is resident at once
    (the count is then capped by M and flagged), or a few steps after the first request finishes
@@ -285,7 +286,8 @@ def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int
 
 def measure_residency(llm, prompts, max_tokens: int, max_steps: int,
                       extra_steps: int) -> dict[str, Any]:
-    """Most requests holding KV blocks at once, under the engine's (small) KV cache."""
+    """Most requests decoding at once (whole prompt in the KV cache), under the engine's (small)
+    KV cache."""
     from vllm import SamplingParams
 
     engine, sched = llm.llm_engine, _scheduler(llm)
@@ -302,7 +304,10 @@ def measure_residency(llm, prompts, max_tokens: int, max_steps: int,
     while engine.has_unfinished_requests():
         outs = engine.step()
         steps += 1
-        running, waiting = len(sched.running), len(sched.waiting)
+        # Resident: the whole prompt is in the cache (decoding). A partial prefill (vanilla's
+        # chunked prefill admits many) holds only part of its KV and is not counted.
+        running = sum(1 for r in sched.running if r.num_computed_tokens >= r.num_prompt_tokens)
+        waiting = len(sched.waiting)
         trace.append([running, waiting, free0 - pool.get_num_free_blocks()])
         for r in list(sched.running) + list(sched.waiting):
             if getattr(r, "num_preemptions", 0):
