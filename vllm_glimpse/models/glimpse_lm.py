@@ -70,6 +70,17 @@ class GlimpseModelMixin:
 
     # ---- loading ----------------------------------------------------------------------------
 
+    def _glimpse_vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def load_weights(self, weights):
+        """vLLM's loader fills the model's own weights; then the GlimpsePrune modules come from
+        their checkpoint, on the model's device and in its dtype."""
+        loaded = super().load_weights(weights)
+        if self.glimpse_enabled:
+            self._load_glimpse()
+        return loaded
+
     def _load_glimpse(self) -> None:
         hf_config = self.config
         lm = self._glimpse_text_model()

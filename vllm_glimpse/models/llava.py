@@ -109,14 +109,6 @@ class GlimpseLlavaForConditionalGeneration(
     def _glimpse_vision_layers_available(self) -> int:
         return len(self.vision_tower.vision_model.encoder.layers) + 1
 
-    def _glimpse_vision_hidden_size(self) -> int:
-        return self.config.vision_config.hidden_size
-
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        if self.glimpse_enabled:
-            self._load_glimpse()
-        return loaded
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
         if self._pending_conditions is not None:

@@ -163,14 +163,6 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
     def _glimpse_vision_layers_available(self) -> int:
         return len(self.visual.blocks)
 
-    def _glimpse_vision_hidden_size(self) -> int:
-        return self.config.vision_config.hidden_size
-
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        if self.glimpse_enabled:
-            self._load_glimpse()
-        return loaded
 
     def _visionzip_images(self, image_input, budgets=None) -> tuple[torch.Tensor, ...]:
         grid_thw = image_input["image_grid_thw"].tolist()
