@@ -232,3 +232,27 @@ def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, fami
         shutdown(big)
     differing = [r for r, _ in kept if finished[r] != alone[r]]
     assert not differing, f"{len(differing)} requests differ from their run alone: {differing[:5]}"
+
+
+def test_non_finite_vip_output_keeps_every_image_token(tiny_models, tmp_path):
+    """A checkpoint whose VIP outputs NaN: the engine does not crash; image requests keep all
+    their image tokens (stats say so), and the batch's text-only requests are served."""
+    path = tiny_models["qwen2_5_vl"]
+    ckpt = write_tiny_checkpoint(tmp_path / "nan", "qwen2_5_vl", AutoConfig.from_pretrained(path))
+    state = torch.load(ckpt / "new_modules_gp.pt")
+    out_proj = [k for k in state["attn_fuser"] if k.startswith("attn_out_projs.") and k.endswith("bias")]
+    state["attn_fuser"][out_proj[0]].fill_(float("nan"))
+    torch.save(state, ckpt / "new_modules_gp.pt")
+    llm = make_llm(path, method="glimpse", knobs={"checkpoint": str(ckpt)})
+    try:
+        tokenizer = llm.get_tokenizer()
+        specs = mixed_batch()
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        outputs = llm.generate([build_request(tokenizer, s) for s in specs], params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    for spec, out in zip(specs, outputs):
+        assert len(out.outputs[0].token_ids) == 3
+        if spec.images:
+            stats = out.kv_transfer_params[STATS_KEY]
+            assert stats["image_tokens_after"] == stats["image_tokens_before"]

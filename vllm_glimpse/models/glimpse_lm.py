@@ -289,7 +289,12 @@ class GlimpseModelMixin:
         grids = [s.grid_hw for s in req.images]
         dtype = next(predictor.parameters()).dtype
         logits = predictor(attn_logits.to(dtype), [f.to(dtype) for f in vision_feats], grids)
-        keep = cfg.keep_rule(logits, grids[0] if len(grids) == 1 else None)
+        if torch.isfinite(logits).all():
+            keep = cfg.keep_rule(logits, grids[0] if len(grids) == 1 else None)
+        else:  # a broken checkpoint must not take the engine down: this request is not pruned
+            logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; keeping all "
+                           "%d image tokens", req.req_id, logits.numel())
+            keep = torch.ones(logits.numel(), dtype=torch.bool, device=logits.device)
         keep_local = torch.ones(P - 1, dtype=torch.bool, device=device)  # the glimpse row goes
         keep_local[image_index] = keep.to(device)
         # The sampler reads the last real token's hidden state: it always stays (the authors'
