@@ -3,6 +3,7 @@ errors for bad startup settings, and OpenAI-compatible chat completions with ima
 real server on loopback, driven by the `openai` client."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -74,18 +75,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def visionzip_server(tiny_models, tmp_path_factory):
-    """`vllm serve <tiny LLaVA> --plugin visionzip --visionzip-dominant 54 --visionzip-contextual 10`."""
+@contextlib.contextmanager
+def running_server(model, args, log):
+    """`vllm serve <model> <args>` on a free loopback port, its output in ``log``; yields the
+    OpenAI base URL once /health answers, stops the server afterwards."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = _server_env()
-    cmd = [VLLM, "serve", str(tiny_models["llava"]), "--plugin", "visionzip",
-           "--visionzip-dominant", "54", "--visionzip-contextual", "10",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--trust-request-mm-kwargs"]
+    cmd = [VLLM, "serve", str(model), *args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_server_env())
     try:
         _wait_ready(proc, port, log)
         yield f"http://127.0.0.1:{port}/v1"
@@ -95,6 +92,16 @@ def visionzip_server(tiny_models, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def visionzip_server(tiny_models, tmp_path_factory):
+    """`vllm serve <tiny LLaVA> --plugin visionzip --visionzip-dominant 54 --visionzip-contextual 10`."""
+    args = ["--plugin", "visionzip", "--visionzip-dominant", "54", "--visionzip-contextual", "10",
+            "--dtype", "float32", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 2}',
+            "--seed", "0", "--trust-request-mm-kwargs"]
+    with running_server(tiny_models["llava"], args, tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url
 
 
 def _wait_ready(proc, port, log, timeout=900):

@@ -2,14 +2,12 @@
 the engine, the answer equals the independent HF reference, the response carries the pruning
 stats, and text-only requests share the server."""
 
-import subprocess
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
-from tests.test_serve import VLLM, _data_url, _free_port, _server_env, _wait_ready
+from tests.test_serve import _data_url, running_server
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
@@ -27,23 +25,12 @@ def checkpoint(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def glimpse_server(tiny_models, checkpoint, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [VLLM, "serve", str(tiny_models["qwen2_5_vl"]), "--plugin", "glimpse",
-           "--glimpse-checkpoint", checkpoint, "--glimpse-fixed-ratio", str(RATIO),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--max-model-len", "4096"]
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_server_env())
-    try:
-        _wait_ready(proc, port, log)
-        yield f"http://127.0.0.1:{port}/v1", log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
+            "--glimpse-fixed-ratio", str(RATIO), "--dtype", "float32",
+            "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--max-model-len", "4096"]
+    with running_server(tiny_models["qwen2_5_vl"], args, log) as url:
+        yield url, log
 
 
 @pytest.mark.slow

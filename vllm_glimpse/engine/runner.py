@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
-
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -46,10 +46,6 @@ class OriginalRequest:
     mm_features: list
     mrope_positions: torch.Tensor | None
     mrope_position_delta: int | None
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class GlimpseRunnerMixin:
@@ -236,7 +232,7 @@ class GlimpseRunnerMixin:
             req_state.mrope_position_delta += shift
         else:
             state["offsets"][req.req_id] = shift
-        num_blocks = _cdiv(kept, self.input_batch.block_table[0].block_size)
+        num_blocks = cdiv(kept, self.input_batch.block_table[0].block_size)
         for block_ids in req_state.block_ids:
             del block_ids[num_blocks:]
         index = self.input_batch.req_id_to_index.get(req.req_id)

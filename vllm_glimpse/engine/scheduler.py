@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import logging
 
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_glimpse.engine.runner import OUTPUT_ATTR
-
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 
 #: Key of ``RequestOutput.kv_transfer_params`` holding a request's pruning stats.
 STATS_KEY = "vllm_glimpse"
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _replace_tokens(request, prompt: list[int]) -> None:
@@ -110,7 +106,7 @@ class GlimpseScheduler(Scheduler):
             blocks = manager.req_to_blocks.get(req_id)
             if not blocks:
                 continue
-            keep = _cdiv(num_tokens, manager.block_size)
+            keep = cdiv(num_tokens, manager.block_size)
             tail = blocks[keep:]
             del blocks[keep:]
             if req_id in manager.num_cached_block:

@@ -182,8 +182,9 @@ class GlimpseModelMixin:
         # 3. the keep decision, per request
         keep_rows = torch.ones(num_tokens, dtype=torch.bool, device=hidden.device)
         attention_inputs = self._glimpse_attention_inputs(plan, recorders, cfg)
+        conditions = self._conditions_by_row(num_tokens)
         for req, attn_logits in zip(plan.requests, attention_inputs):
-            result = self._decide(req, attn_logits, cfg, predictor)
+            result = self._decide(req, attn_logits, conditions, cfg, predictor)
             plan.results[req.req_id] = result
             rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
             local = torch.zeros(req.num_prompt_tokens, dtype=torch.bool, device=hidden.device)
@@ -271,19 +272,23 @@ class GlimpseModelMixin:
             offsets.to(device), attn.impl.scale, seq_lens=seq_lens)
         return list(scores.split([p.numel() for p in positions]))
 
-    def _decide(self, req, attn_logits, cfg, predictor) -> PruneResult:
+    def _conditions_by_row(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditions [M, C], row -> index into them [num_tokens], -1 for rows without)."""
+        conds = self.__dict__["_glimpse_conds"]
+        if conds is None:
+            raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
+        values, rows = conds
+        lookup = torch.full((num_tokens,), -1, dtype=torch.long, device=rows.device)
+        lookup[rows] = torch.arange(rows.numel(), device=rows.device)
+        return values, lookup
+
+    def _decide(self, req, attn_logits, conditions, cfg, predictor) -> PruneResult:
         """The keep decision for one request: survivors among its prompt rows."""
         device = attn_logits.device
         P = req.num_prompt_tokens
         image_index = _image_index(req, device)
-        conds = self.__dict__["_glimpse_conds"]
-        if conds is None:
-            raise RuntimeError(f"request {req.req_id}: no vision conditions reached the forward")
-        cond_values, cond_rows = conds
-        lookup = torch.full((int(cond_rows.max()) + 1,), -1, dtype=torch.long, device=cond_rows.device)
-        lookup[cond_rows] = torch.arange(cond_rows.numel(), device=cond_rows.device)
-        batch_rows = (image_index + req.row_start).to(cond_rows.device)
-        feats = cond_values[lookup[batch_rows]]
+        cond_values, lookup = conditions
+        feats = cond_values[lookup[(image_index + req.row_start).to(lookup.device)]]
         width = self._glimpse_vision_hidden_size()
         vision_feats = list(feats.split(width, dim=-1))
         grids = [s.grid_hw for s in req.images]
