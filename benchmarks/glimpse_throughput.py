@@ -79,17 +79,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _worker import run_worker, worker_env
+
 
 KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE of the throughput engine
 MAX_MODEL_LEN = 4096
@@ -405,35 +403,13 @@ def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
                 resident_requests=args.resident_requests,
                 resident_max_tokens=args.resident_max_tokens,
                 resident_max_steps=args.resident_max_steps, extra_steps=args.extra_steps)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
-    for k, v in ENGINE_ENV.items():
-        env.setdefault(k, v)
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.kind == "vanilla":
-        env["VLLM_PLUGINS"] = ""  # vanilla vLLM: the plugin is not loaded at all
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_file.write_text(json.dumps(spec))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file),
-               "--worker-out", str(out_file)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO,
-                              timeout=args.timeout)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0 or not out_file.exists():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln)]
-            reason = (errors[-1] if errors else
-                      lines[-1] if lines else f"exit code {proc.returncode}")
-            log(f"  {cfg.name}: FAILED ({reason.strip()[:300]})")
-            if args.verbose:
-                log(proc.stderr[-8000:])
-            return dict(config=asdict(cfg), error=reason.strip(), stderr_tail=proc.stderr[-8000:],
-                        wall_s=wall)
-        result = json.loads(out_file.read_text())
+    env = worker_env(args.threads, KV_CACHE_GIB, ENGINE_ENV, plugin=cfg.kind != "vanilla")
+    result, reason, wall, stderr = run_worker(__file__, spec, env, args.timeout)
+    if result is None:
+        log(f"  {cfg.name}: FAILED ({reason[:300]})")
+        if args.verbose:
+            log(stderr[-8000:])
+        return dict(config=asdict(cfg), error=reason, stderr_tail=stderr[-8000:], wall_s=wall)
     result.update(config=asdict(cfg), wall_s=wall)
     tp = result["throughput"]
     msg = (f"  {cfg.name}: {args.requests / statistics.median(tp['times_s']):.3f} req/s, "

@@ -33,17 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _worker import run_worker, worker_env
+
 
 # Engine settings shared by every configuration (vanilla, VisionZip, limit).
 KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE
@@ -292,35 +290,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
     spec = dict(config=asdict(cfg), model=model, requests=args.requests, repeats=args.repeats,
                 warmup=args.warmup, max_tokens=args.max_tokens, dtype=args.dtype)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
-    for k, v in ENGINE_ENV.items():
-        env.setdefault(k, v)
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.kind != "visionzip":
-        env["VLLM_PLUGINS"] = ""  # vanilla vLLM: the plugin is not loaded at all
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_file.write_text(json.dumps(spec))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file),
-               "--worker-out", str(out_file)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO,
-                              timeout=args.timeout)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0 or not out_file.exists():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln)]
-            reason = next((ln for ln in reversed(lines) if "PruningSettingsError" in ln),
-                          errors[-1] if errors else
-                          (lines[-1] if lines else f"exit code {proc.returncode}"))
-            log(f"  {cfg.family} {cfg.name}: FAILED ({reason.strip()[:300]})")
-            if args.verbose:
-                log(proc.stderr[-6000:])
-            return dict(config=asdict(cfg), error=reason.strip(), wall_s=wall)
-        result = json.loads(out_file.read_text())
+    env = worker_env(args.threads, KV_CACHE_GIB, ENGINE_ENV, plugin=cfg.kind == "visionzip")
+    result, reason, wall, stderr = run_worker(__file__, spec, env, args.timeout)
+    if result is None:
+        log(f"  {cfg.family} {cfg.name}: FAILED ({reason[:300]})")
+        if args.verbose:
+            log(stderr[-6000:])
+        return dict(config=asdict(cfg), error=reason, wall_s=wall)
     result.update(config=asdict(cfg), wall_s=wall)
     for b in result["batches"]:
         med = statistics.median(b["times_s"])
