@@ -61,17 +61,27 @@ def _scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-# Keep rules: a forced ratio, and the checkpoint's own (threshold 0.5, at least 1 token).
+# Keep rules: a forced ratio, and the checkpoint's own (threshold 0.5, at least 1 token); then,
+# per request index of mixed_batch(), a request's own knobs (mm_processor_kwargs) and the rule
+# they make over the engine's: a threshold-mode knob replaces the engine's fixed ratio, a fixed
+# ratio replaces the threshold mode, unset knobs stay the engine's.
 RULES = {
-    "fixed_0.25": ({"fixed_ratio": 0.25}, KeepRule(fixed_remain_ratio=0.25)),
-    "threshold": ({}, None),
+    "fixed_0.25": ({"fixed_ratio": 0.25}, KeepRule(fixed_remain_ratio=0.25), {
+        1: ({"glimpse_threshold": 0.5}, KeepRule(threshold=0.5, min_remain_num=1)),
+        4: ({"glimpse_fixed_ratio": 0.6}, KeepRule(fixed_remain_ratio=0.6)),
+    }),
+    "threshold": ({}, None, {
+        1: ({"glimpse_fixed_ratio": 0.5}, KeepRule(fixed_remain_ratio=0.5)),
+        2: ({"glimpse_max_ratio": 0.1, "glimpse_min_keep": 3},
+            KeepRule(threshold=0.5, max_remain_ratio=0.1, min_remain_num=3)),
+    }),
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", list(RULES))
 def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, family, rule):
-    knobs, keep_rule = RULES[rule]
+    knobs, keep_rule, per_request = RULES[rule]
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -86,6 +96,8 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, f
         tokenizer = llm.get_tokenizer()
         specs = mixed_batch()
         prompts = [build_request(tokenizer, s) for s in specs]
+        for i, (mm_kwargs, _) in per_request.items():
+            prompts[i]["mm_processor_kwargs"] = mm_kwargs
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
@@ -94,9 +106,10 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, f
         ours.setLevel(level)
     logged = [r.getMessage() for r in records]
     pruned_somewhere = False
-    for spec, prompt, out in zip(specs, prompts, outputs):
+    for i, (spec, prompt, out) in enumerate(zip(specs, prompts, outputs)):
         images = [img.build() for img in spec.images]
-        want = _reference(hf, family, prompt["prompt"], images, keep_rule)
+        request_rule = per_request[i][1] if i in per_request else keep_rule
+        want = _reference(hf, family, prompt["prompt"], images, request_rule)
         assert list(out.outputs[0].token_ids) == want.tokens, f"{spec}: tokens differ from the reference"
         stats = (out.kv_transfer_params or {}).get(STATS_KEY)
         if not images:

@@ -108,3 +108,32 @@ def test_each_request_of_a_batch_runs_its_own_budget(tiny_models, model):
                          *(budget or default), MAX_TOKENS)
         assert got == want, f"{spec} with {budget}"
     assert ours[0] != ours[1]  # the same image under two budgets
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"glimpse_threshold": 1.5}, "mm_processor_kwargs: glimpse_threshold must be in [0.0, 1.0], got 1.5"),
+    ({"glimpse_max_ratio": 0}, "glimpse_max_ratio must be in (0.0, 1.0]"),
+    ({"glimpse_fixed_ratio": 0.3, "glimpse_threshold": 0.2},
+     "glimpse_fixed_ratio keeps exactly int(fixed_ratio * N) tokens, so it cannot be combined with glimpse_threshold"),
+    ({"glimpse_layer": 1}, "glimpse_layer is an engine setting (--glimpse-layer); a request may set "
+                           "glimpse_threshold, glimpse_max_ratio, glimpse_min_keep, glimpse_fixed_ratio"),
+    ({"glimpse_checkpoint": "/elsewhere"}, "glimpse_checkpoint is an engine setting"),
+    ({"visionzip_dominant": 54}, "'visionzip_dominant' does not apply: this engine runs pruning method 'glimpse'"),
+])
+def test_bad_glimpse_request_settings_are_refused(tiny_models, tmp_path, overrides, message):
+    from transformers import AutoConfig
+
+    from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
+
+    path = tiny_models["qwen2_5_vl"]
+    checkpoint = write_tiny_checkpoint(tmp_path / "gp", "qwen2_5_vl", AutoConfig.from_pretrained(path))
+    request = build_request(AutoTokenizer.from_pretrained(path), mixed_batch()[0])
+    processor = _processor(path, **vllm_glimpse.engine_kwargs("glimpse", checkpoint=str(checkpoint)))
+    with pytest.raises(ValueError, match="mm_processor_kwargs") as info:
+        _process(processor, request, overrides)
+    assert message in str(info.value)
+    # valid knobs pass and change the hash (the keep rule is part of the request's settings)
+    plain = _process(processor, request, None)
+    custom = _process(processor, request, {"glimpse_threshold": 0.2, "glimpse_min_keep": 4})
+    assert [n for _, n in custom] == [n for _, n in plain]  # the prompt is pruned in the engine
+    assert {h for h, _ in custom}.isdisjoint(h for h, _ in plain)

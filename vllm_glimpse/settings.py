@@ -387,6 +387,8 @@ def request_config(hf_config: Any, mm_kwargs: Mapping[str, Any]) -> PruningConfi
                 f"{engine.method!r}" + ("" if engine.method == "none" else
                                        f" (its per-request settings are {engine.method}_<knob>)")
             )
+    if engine.method == "glimpse":
+        return _glimpse_request_config(engine, ours)
     knobs = {k: v for k, v in engine.to_dict().items() if k != "method"}
     knobs.update({k[len(engine.method) + 1:]: v for k, v in ours.items()})
     try:
@@ -396,6 +398,55 @@ def request_config(hf_config: Any, mm_kwargs: Mapping[str, Any]) -> PruningConfi
         message = rename_knobs(str(error), engine.method, lambda knob: f"{engine.method}_{knob}")
         raise PruningSettingsError(f"mm_processor_kwargs: {message}") from None
     return config
+
+
+#: GlimpsePrune knobs a request may set (the keep rule); the checkpoint and K are engine-wide.
+GLIMPSE_REQUEST_KNOBS = ("threshold", "max_ratio", "min_keep", "fixed_ratio")
+
+
+def request_glimpse_overrides(mm_kwargs: Mapping[str, Any]) -> GlimpseSettings | None:
+    """The keep-rule knobs a request sets itself (``glimpse_threshold``, ...), already validated
+    by :func:`request_config`; None when it sets none. They apply over the engine's keep rule
+    (``glimpse.checkpoint.request_keep_rule``)."""
+    ours, _ = split_request_knobs(mm_kwargs)
+    knobs = {k[len("glimpse_"):]: v for k, v in ours.items() if k.startswith("glimpse_")}
+    if not knobs:
+        return None
+    return PruningConfig.parse("glimpse", **knobs).glimpse
+
+
+def _glimpse_request_config(engine: PruningConfig, ours: Mapping[str, Any]) -> PruningConfig:
+    """GlimpsePrune: a request may set its keep rule; the checkpoint and the layer K are the
+    engine's (the model was built for them). Range checks as for the engine's knobs, and
+    fixed_ratio cannot be combined with threshold or max_ratio (as on the command line)."""
+    knobs = {k[len("glimpse_"):]: v for k, v in ours.items()}
+    engine_wide = sorted(k for k in knobs if k in ("checkpoint", "layer"))
+    if engine_wide:
+        raise PruningSettingsError(
+            f"mm_processor_kwargs: glimpse_{engine_wide[0]} is an engine setting "
+            f"(--glimpse-{engine_wide[0]}); a request may set "
+            + ", ".join(f"glimpse_{k}" for k in GLIMPSE_REQUEST_KNOBS)
+        )
+    try:
+        request = PruningConfig.parse("glimpse", **knobs).glimpse
+    except PruningSettingsError as error:
+        message = rename_knobs(str(error), "glimpse", lambda knob: f"glimpse_{knob}")
+        raise PruningSettingsError(f"mm_processor_kwargs: {message}") from None
+    threshold_mode = [k for k in ("threshold", "max_ratio") if getattr(request, k) is not None]
+    if request.fixed_ratio is not None and threshold_mode:
+        raise PruningSettingsError(
+            f"mm_processor_kwargs: glimpse_fixed_ratio keeps exactly int(fixed_ratio * N) "
+            f"tokens, so it cannot be combined with glimpse_{threshold_mode[0]}"
+        )
+    # The request's mode replaces the engine's: a threshold-mode knob drops the engine's
+    # fixed_ratio, a fixed_ratio drops its threshold and max_ratio.
+    base = dataclasses.asdict(engine.glimpse or GlimpseSettings())
+    if threshold_mode:
+        base["fixed_ratio"] = None
+    if request.fixed_ratio is not None:
+        base["threshold"] = base["max_ratio"] = None
+    base.update({k: v for k, v in dataclasses.asdict(request).items() if v is not None})
+    return PruningConfig(method="glimpse", glimpse=GlimpseSettings(**base))
 
 
 def rename_knobs(message: str, method: str, name: Callable[[str], str]) -> str:

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from vllm_glimpse.settings import GlimpseSettings
+
 
 @dataclass(frozen=True)
 class ImageSpan:
@@ -32,6 +34,7 @@ class PruneRequest:
     num_prompt_tokens: int  # the whole prompt, glimpse token included (it is the last one)
     images: list[ImageSpan]
     block_ids: list[int]  # its KV blocks (group 0), in order
+    keep_overrides: GlimpseSettings | None = None  # the request's own keep-rule knobs
 
     @property
     def glimpse_row(self) -> int:

@@ -30,6 +30,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
+from vllm_glimpse.models.common import keep_overrides_of
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -126,6 +127,7 @@ class GlimpseRunnerMixin:
                 req_id=req_id, batch_index=i, row_start=int(starts[i]),
                 num_prompt_tokens=req_state.num_prompt_tokens, images=spans,
                 block_ids=list(req_state.block_ids[0]),
+                keep_overrides=keep_overrides_of(images[0]),
             ))
         if not requests:
             return None

@@ -34,6 +34,7 @@ from vllm_glimpse.glimpse.checkpoint import (
     parse_glimpse_config,
     read_checkpoint_tensors,
     read_glimpse_config,
+    request_keep_rule,
     resolve_checkpoint_dir,
 )
 from vllm_glimpse.glimpse.config import LLAVA, QWEN, GlimpseConfig
@@ -65,5 +66,6 @@ __all__ = [
     "parse_glimpse_config",
     "read_checkpoint_tensors",
     "read_glimpse_config",
+    "request_keep_rule",
     "resolve_checkpoint_dir",
 ]

@@ -18,6 +18,7 @@ fit raises :class:`~vllm_glimpse.settings.PruningSettingsError` with the path an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from vllm_glimpse.glimpse.config import LLAVA, QWEN, GlimpseConfig
+from vllm_glimpse.glimpse.keep_rule import KeepRule
 from vllm_glimpse.glimpse.modules import GlimpsePredictor
 from vllm_glimpse.settings import GlimpseSettings, PruningSettingsError
 
@@ -415,6 +417,13 @@ def _overrides(s: GlimpseSettings, values: Mapping[str, Any], source: str) -> di
     if s.layer is not None:
         out["reduce_layer"] = s.layer
     return out
+
+
+def request_keep_rule(config: GlimpseConfig, overrides: GlimpseSettings) -> KeepRule:
+    """The keep rule of a request that sets its own knobs (``mm_processor_kwargs``
+    ``glimpse_threshold``, ...) over the engine's resolved config, with the same precedence as
+    the engine's knobs over config.json."""
+    return dataclasses.replace(config, **_overrides(overrides, {}, "request")).keep_rule
 
 
 def read_glimpse_config(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -13,12 +14,20 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.settings import (
+    GLIMPSE_REQUEST_KNOBS,
+    GlimpseSettings,
     PruningConfig,
     pruning_config_of,
     request_config,
+    request_glimpse_overrides,
     split_request_knobs,
     visionzip_budget,
 )
+
+# A GlimpsePrune request's own keep-rule knobs, as a processor output field: [num_images, 4]
+# (threshold, max_ratio, min_keep, fixed_ratio; NaN = not set by the request). Read by the
+# runner when it plans the step that prunes the request (``keep_overrides_of``).
+KEEP_RULE_FIELD = "vllm_glimpse_keep_rule"
 
 # The per-image pruning budget a request runs with, as a processor output field: [num_images, 2]
 # (LLaVA: dominant, contextual counts; Qwen2.5-VL: dominant, contextual ratios).
@@ -87,16 +96,25 @@ class RequestBudgetMixin:
 
     def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed):
         processed = super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed)
-        budget = self._image_budget(self._request_config(hf_kwargs))
+        config = self._request_config(hf_kwargs)
         num_images = self._num_images(processed)
-        if budget is not None and num_images:
+        if not num_images:
+            return processed
+        budget = self._image_budget(config)
+        if budget is not None:
             processed[BUDGET_FIELD] = torch.tensor([budget] * num_images, dtype=torch.float64)
+        overrides = request_glimpse_overrides(hf_kwargs) if config.method == "glimpse" else None
+        if overrides is not None:
+            row = [math.nan if getattr(overrides, k) is None else float(getattr(overrides, k))
+                   for k in GLIMPSE_REQUEST_KNOBS]
+            processed[KEEP_RULE_FIELD] = torch.tensor([row] * num_images, dtype=torch.float64)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if BUDGET_FIELD in hf_inputs:
-            fields[BUDGET_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        for name in (BUDGET_FIELD, KEEP_RULE_FIELD):
+            if name in hf_inputs:
+                fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
 
@@ -155,8 +173,22 @@ def item_budget(out_mm_kwargs, item_idx: int) -> tuple[float, float] | None:
     return dominant, contextual
 
 
+def keep_overrides_of(mm_feature) -> GlimpseSettings | None:
+    """The keep-rule knobs the request of this image set itself (None: the engine's rule)."""
+    data = mm_feature.data
+    if data is None or KEEP_RULE_FIELD not in data:
+        return None
+    values = data[KEEP_RULE_FIELD].data.tolist()
+    knobs = {k: v for k, v in zip(GLIMPSE_REQUEST_KNOBS, values) if not math.isnan(v)}
+    if "min_keep" in knobs:
+        knobs["min_keep"] = int(knobs["min_keep"])
+    return GlimpseSettings(**knobs)
+
+
 def image_budgets(kwargs: dict) -> list[tuple[float, float]] | None:
-    """Pop the per-image budgets from the kwargs vLLM hands ``embed_multimodal``."""
+    """Pop the per-image budgets from the kwargs vLLM hands ``embed_multimodal`` (and the
+    keep-rule field, which the runner reads, not the model)."""
+    kwargs.pop(KEEP_RULE_FIELD, None)
     budgets = kwargs.pop(BUDGET_FIELD, None)
     if budgets is None:
         return None

@@ -36,7 +36,12 @@ from vllm_glimpse.engine.kv import (
     compacted_slots,
 )
 from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
-from vllm_glimpse.glimpse import GlimpseCheckpoint, glimpse_attention_scores, load_glimpse_checkpoint
+from vllm_glimpse.glimpse import (
+    GlimpseCheckpoint,
+    glimpse_attention_scores,
+    load_glimpse_checkpoint,
+    request_keep_rule,
+)
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -295,7 +300,9 @@ class GlimpseModelMixin:
         dtype = next(predictor.parameters()).dtype
         logits = predictor(attn_logits.to(dtype), [f.to(dtype) for f in vision_feats], grids)
         if torch.isfinite(logits).all():
-            keep = cfg.keep_rule(logits, grids[0] if len(grids) == 1 else None)
+            rule = cfg.keep_rule if req.keep_overrides is None else request_keep_rule(
+                cfg, req.keep_overrides)
+            keep = rule(logits, grids[0] if len(grids) == 1 else None)
         else:  # a broken checkpoint must not take the engine down: this request is not pruned
             logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; keeping all "
                            "%d image tokens", req.req_id, logits.numel())

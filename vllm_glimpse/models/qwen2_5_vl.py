@@ -133,6 +133,7 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
     # ---- GlimpsePrune: vision conditions ride along with the image embeddings --------------------
 
     def _glimpse_embed_multimodal(self, **kwargs: object):
+        image_budgets(kwargs)  # drops our processor fields (the runner reads the keep rule)
         layers = self.glimpse_checkpoint.config.selected_visual_layers
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
