@@ -247,7 +247,7 @@ def measure_held(llm, prompts, max_tokens: int) -> dict[str, Any]:
 def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from vllm_glimpse.engine.scheduler import STATS_KEY
+    from vllm_glimpse.stats import STATS_KEY
 
     n, side = spec["requests"], spec["image_side"]
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)

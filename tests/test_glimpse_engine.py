@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from vllm import SamplingParams
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
-from vllm_glimpse.engine.scheduler import STATS_KEY
+from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.settings import LOGGER_NAME
 from vllm_glimpse.testing.generate import make_llm, shutdown
@@ -167,7 +167,7 @@ def test_tail_blocks_return_to_the_pool_in_the_prefill_step(tiny_models, checkpo
         while engine.has_unfinished_requests():
             engine.step()
         assert pool.get_num_free_blocks() == total
-        assert not scheduler.glimpse_originals and not scheduler.glimpse_stats
+        assert not scheduler.glimpse_originals and not scheduler.pending_stats
     finally:
         shutdown(llm)
 
@@ -233,7 +233,7 @@ def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, fami
                     finished[o.request_id] = list(o.outputs[0].token_ids)
         assert preempted["pruned"] > 0, preempted
         assert pool.get_num_free_blocks() == total  # no leaked blocks
-        assert not scheduler.glimpse_originals and not scheduler.glimpse_stats
+        assert not scheduler.glimpse_originals and not scheduler.pending_stats
     finally:
         shutdown(small)
     kept = [(r, p) for r, p in requests if r not in aborted]

@@ -100,14 +100,41 @@ def test_each_request_of_a_batch_runs_its_own_budget(tiny_models, model):
                 prompt["mm_processor_kwargs"] = dict(zip(knob_names, budget))
             prompts.append(prompt)
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        ours = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        ours = [list(o.outputs[0].token_ids) for o in outputs]
     finally:
         shutdown(llm)
-    for spec, budget, got, prompt in zip(specs, budgets, ours, prompts):
-        want = reference(hf.eval(), processor, prompt["prompt"], [i.build() for i in spec.images],
+    for spec, budget, got, prompt, out in zip(specs, budgets, ours, prompts, outputs):
+        images = [i.build() for i in spec.images]
+        want = reference(hf.eval(), processor, prompt["prompt"], images,
                          *(budget or default), MAX_TOKENS)
         assert got == want, f"{spec} with {budget}"
+        # the request's stats: what each image would take unpruned, and what it took
+        stats = (out.kv_transfer_params or {}).get("vllm_glimpse")
+        if not images:
+            assert stats is None
+            continue
+        before, after = _visionzip_counts(hf.config, processor, images, budget or default)
+        assert stats == {
+            "method": "visionzip", "image_tokens_before": sum(before), "image_tokens_after": sum(after),
+            "image_tokens_per_image_before": before, "image_tokens_per_image_after": after,
+            "prompt_tokens_before": len(out.prompt_token_ids) + sum(before) - sum(after),
+            "prompt_tokens_after": len(out.prompt_token_ids),
+        }, spec
     assert ours[0] != ours[1]  # the same image under two budgets
+
+
+def _visionzip_counts(config, processor, images, budget):
+    """(tokens per image unpruned, kept per image): LLaVA-1.5 keeps D + C of its patch grid;
+    Qwen2.5-VL int(r_d N) + max(int(r_c N), 1) (none for r_c = 0) of its N merged tokens."""
+    if config.model_type == "llava":
+        vision = config.vision_config
+        unpruned = (vision.image_size // vision.patch_size) ** 2
+        return [unpruned] * len(images), [int(budget[0] + budget[1])] * len(images)
+    grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+    before = [int(g.prod()) // config.vision_config.spatial_merge_size ** 2 for g in grids]
+    after = [int(n * budget[0]) + (max(int(n * budget[1]), 1) if budget[1] > 0 else 0) for n in before]
+    return before, after
 
 
 @pytest.mark.parametrize("overrides, message", [

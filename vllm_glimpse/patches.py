@@ -141,6 +141,32 @@ def _register_engine_config_hooks(module) -> None:
         module.MODELS_CONFIG_MAP[variant.arch] = Hook
 
 
+_stats_patch_installed = False
+
+
+def report_pruning_stats_in_front_end() -> None:
+    """Give the front end our output processor (``vllm_glimpse.stats.PruningStatsOutputProcessor``,
+    a subclass of vLLM's), which keeps each request's pruning stats for its final output and
+    counts them in the Prometheus metrics.
+
+    vLLM has no hook for it: ``AsyncLLM`` and ``LLMEngine`` build ``OutputProcessor(...)`` by
+    the name their modules import (vLLM 0.32, ``v1/engine/async_llm.py`` and
+    ``v1/engine/llm_engine.py``); the name is pointed at the subclass.
+    """
+    global _stats_patch_installed
+    if _stats_patch_installed:
+        return
+    _stats_patch_installed = True
+
+    def use_subclass(module) -> None:
+        from vllm_glimpse.stats import PruningStatsOutputProcessor
+
+        module.OutputProcessor = PruningStatsOutputProcessor
+
+    _after_import("vllm.v1.engine.async_llm", use_subclass)
+    _after_import("vllm.v1.engine.llm_engine", use_subclass)
+
+
 # --------------------------------------------------------------------------------------------
 # Run a function right after a module is first imported (or now, if it already is).
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ def register() -> None:
         add_plugin_cli_flags,
         apply_glimpse_engine_settings_per_architecture,
         enable_mrope_recompute_for_pruned_images,
+        report_pruning_stats_in_front_end,
     )
 
     supported = set(ModelRegistry.get_supported_archs())
@@ -27,3 +28,4 @@ def register() -> None:
     enable_mrope_recompute_for_pruned_images()
     add_plugin_cli_flags()
     apply_glimpse_engine_settings_per_architecture()
+    report_pruning_stats_in_front_end()

@@ -29,6 +29,7 @@ from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_con
 logger = logging.getLogger(LOGGER_NAME)
 
 SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
+STATS_SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.pruning_stats_scheduler"
 CPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseCPUWorker"
 GPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseGPUWorker"
 
@@ -93,12 +94,28 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
     parallel.worker_cls = worker
 
 
+def apply_visionzip_engine_settings(vllm_config) -> None:
+    """VisionZip runs in vLLM's own engine; only the scheduler changes, to report each
+    request's stats (``vllm_glimpse.stats``). A scheduler of the user's own is kept (and the
+    stats are not reported)."""
+    model_config = vllm_config.model_config
+    if model_config is None or pruning_config_of(model_config.hf_config).method != "visionzip":
+        return
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls is None:
+        sched.scheduler_cls = STATS_SCHEDULER_CLS
+    elif sched.scheduler_cls != STATS_SCHEDULER_CLS:
+        logger.warning("vllm-glimpse: scheduler_cls=%r is kept; VisionZip's per-request stats "
+                       "are not reported with it", sched.scheduler_cls)
+
+
 class GlimpseEngineConfig:
     """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         apply_glimpse_engine_settings(vllm_config)
+        apply_visionzip_engine_settings(vllm_config)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:

@@ -203,8 +203,7 @@ class GlimpseRunnerMixin:
                 continue
             kept_ids = self._shrink_request(req, result)
             stats[req.req_id] = {
-                "image_tokens_before": result.image_tokens_before,
-                "image_tokens_after": result.image_tokens_after,
+                "image_tokens_per_image_before": [s.length for s in req.images],
                 "image_tokens_per_image_after": result.kept_per_image,
                 "prompt_tokens_before": result.num_prompt_tokens - 1,  # without the glimpse token
                 "prompt_tokens_after": result.num_kept,

@@ -7,9 +7,8 @@ token included) became P' survivors. In the same ``update_from_output`` call the
   next step decodes at index P'), its images marked consumed;
 * returns the tail KV blocks to the pool: the request keeps ``cdiv(P', block_size)`` blocks,
   exactly the ones the worker keeps in its block table;
-* attaches the request's pruning stats to its final output (``kv_transfer_params
-  ["vllm_glimpse"]``, the one per-request dict vLLM carries from the engine to
-  ``RequestOutput`` and to the OpenAI response) and logs them.
+* attaches the request's pruning stats to its output of that step (``kv_transfer_params
+  ["vllm_glimpse"]``, :mod:`vllm_glimpse.stats`) and logs them.
 
 Preemption: a pruned request cannot be recomputed from its survivors (their K/V depend on the
 pruned tokens in layers 0..K). When vLLM preempts one, its original prompt comes back (the
@@ -23,15 +22,64 @@ from __future__ import annotations
 import logging
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_glimpse.engine.runner import OUTPUT_ATTR
 from vllm_glimpse.settings import LOGGER_NAME
+from vllm_glimpse.stats import STATS_KEY, pruning_stats, visionzip_request_stats
 
 logger = logging.getLogger(LOGGER_NAME)
 
-#: Key of ``RequestOutput.kv_transfer_params`` holding a request's pruning stats.
-STATS_KEY = "vllm_glimpse"
+
+class PruningStatsMixin:
+    """Sends each request's pruning stats to the front end with its first output once they are
+    known (the front end keeps them for the request: :mod:`vllm_glimpse.stats`). VisionZip's are
+    known when the request is admitted; GlimpsePrune's in the step that prunes it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending_stats: dict[str, dict] = {}
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        stats = visionzip_request_stats(request)
+        if stats is not None:
+            self.pending_stats[request.request_id] = stats
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.pending_stats:
+            for engine_outputs in outputs.values():
+                for out in engine_outputs.outputs:
+                    stats = self.pending_stats.pop(out.request_id, None)
+                    if stats is not None:
+                        out.kv_transfer_params = {**(out.kv_transfer_params or {}), STATS_KEY: stats}
+            for req_id in [r for r in self.pending_stats if r not in self.requests]:
+                del self.pending_stats[req_id]  # finished without an output
+        return outputs
+
+    def finish_requests(self, request_ids, *args, **kwargs):
+        result = super().finish_requests(request_ids, *args, **kwargs)
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids or [])
+        for req_id in ids:
+            self.pending_stats.pop(req_id, None)
+        return result
+
+
+class PruningStatsScheduler(PruningStatsMixin, Scheduler):
+    """VisionZip engines' scheduler (vLLM's, reporting stats)."""
+
+
+class PruningStatsAsyncScheduler(PruningStatsMixin, AsyncScheduler):
+    """VisionZip engines' scheduler under async scheduling."""
+
+
+def pruning_stats_scheduler(*, vllm_config, **kwargs):
+    """``scheduler_cls`` of VisionZip engines: vLLM's scheduler of the kind the engine resolved
+    (async scheduling is settled after the config hook that names the scheduler), with stats."""
+    cls = PruningStatsAsyncScheduler if vllm_config.scheduler_config.async_scheduling else PruningStatsScheduler
+    return cls(vllm_config=vllm_config, **kwargs)
 
 
 def _replace_tokens(request, prompt: list[int]) -> None:
@@ -42,11 +90,10 @@ def _replace_tokens(request, prompt: list[int]) -> None:
     request.num_prompt_tokens = len(prompt)
 
 
-class GlimpseScheduler(Scheduler):
+class GlimpseScheduler(PruningStatsMixin, Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.glimpse_originals: dict[str, tuple[list[int], list]] = {}
-        self.glimpse_stats: dict[str, dict] = {}
 
     # ---- scheduling: a request's prompt step ends at its glimpse token -----------------------
 
@@ -63,25 +110,22 @@ class GlimpseScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         pruned = getattr(model_runner_output, OUTPUT_ATTR, None) or {}
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, stats in pruned.items():
-            public = {k: v for k, v in stats.items() if k != "kept_prompt_token_ids"}
-            self.glimpse_stats[req_id] = public
+            public = pruning_stats(
+                "glimpse", stats["image_tokens_per_image_before"],
+                stats["image_tokens_per_image_after"], stats["prompt_tokens_before"],
+                stats["prompt_tokens_after"])
+            self.pending_stats[req_id] = public  # sent with this step's outputs
             logger.info(
                 "vllm-glimpse: request %s kept %d of %d image tokens (prompt %d -> %d tokens)",
                 req_id, public["image_tokens_after"],
                 public["image_tokens_before"], public["prompt_tokens_before"],
                 public["prompt_tokens_after"])
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, stats in pruned.items():
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished():
                 self._shrink_request(request, stats)
-        if self.glimpse_stats:
-            for engine_outputs in outputs.values():
-                for out in engine_outputs.outputs:
-                    if out.finished and out.request_id in self.glimpse_stats:
-                        params = dict(out.kv_transfer_params or {})
-                        params[STATS_KEY] = self.glimpse_stats.pop(out.request_id)
-                        out.kv_transfer_params = params
         return outputs
 
     def _shrink_request(self, request, stats: dict) -> None:
@@ -126,10 +170,3 @@ class GlimpseScheduler(Scheduler):
     def _free_request(self, request, *args, **kwargs):
         self.glimpse_originals.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
-
-    def finish_requests(self, request_ids, *args, **kwargs):
-        result = super().finish_requests(request_ids, *args, **kwargs)
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids or [])
-        for req_id in ids:
-            self.glimpse_stats.pop(req_id, None)
-        return result

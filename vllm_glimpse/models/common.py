@@ -13,6 +13,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
+from vllm_glimpse.stats import TOKENS_BEFORE_FIELD
 from vllm_glimpse.settings import (
     GLIMPSE_REQUEST_KNOBS,
     GlimpseSettings,
@@ -103,6 +104,9 @@ class RequestBudgetMixin:
         budget = self._image_budget(config)
         if budget is not None:
             processed[BUDGET_FIELD] = torch.tensor([budget] * num_images, dtype=torch.float64)
+            # for the request's stats (vllm_glimpse.stats): what each image takes unpruned
+            processed[TOKENS_BEFORE_FIELD] = torch.tensor(self._unpruned_tokens(processed),
+                                                          dtype=torch.int64)
         overrides = request_glimpse_overrides(hf_kwargs) if config.method == "glimpse" else None
         if overrides is not None:
             row = [math.nan if getattr(overrides, k) is None else float(getattr(overrides, k))
@@ -112,7 +116,7 @@ class RequestBudgetMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in (BUDGET_FIELD, KEEP_RULE_FIELD):
+        for name in (BUDGET_FIELD, KEEP_RULE_FIELD, TOKENS_BEFORE_FIELD):
             if name in hf_inputs:
                 fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
@@ -129,6 +133,13 @@ class LlavaRequestBudgetMixin(RequestBudgetMixin):
     def _num_images(self, processed) -> int:
         pixel_values = processed.get("pixel_values")
         return 0 if pixel_values is None else len(pixel_values)
+
+    def _unpruned_tokens(self, processed) -> list[int]:
+        sizes = processed.get("image_sizes")  # LLaVA-NeXT: each image's (height, width)
+        if sizes is None:  # LLaVA-1.5: the same count for any image
+            sizes = [tuple(p.shape[-2:]) for p in processed["pixel_values"]]
+        return [self.info.unpruned_num_tokens(int(w), int(h)) for h, w in
+                (s.tolist() if isinstance(s, torch.Tensor) else s for s in sizes)]
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -186,9 +197,10 @@ def keep_overrides_of(mm_feature) -> GlimpseSettings | None:
 
 
 def image_budgets(kwargs: dict) -> list[tuple[float, float]] | None:
-    """Pop the per-image budgets from the kwargs vLLM hands ``embed_multimodal`` (and the
-    keep-rule field, which the runner reads, not the model)."""
+    """Pop the per-image budgets from the kwargs vLLM hands ``embed_multimodal`` (and our other
+    processor fields, which the runner and the scheduler read, not the model)."""
     kwargs.pop(KEEP_RULE_FIELD, None)
+    kwargs.pop(TOKENS_BEFORE_FIELD, None)
     budgets = kwargs.pop(BUDGET_FIELD, None)
     if budgets is None:
         return None

@@ -36,6 +36,9 @@ class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         return self.visionzip_num_tokens(image_width, image_height, budget)
 
+    def unpruned_num_tokens(self, width: int, height: int) -> int:
+        return super().get_num_image_tokens(image_width=width, image_height=height)
+
     def visionzip_num_tokens(self, width: int, height: int, budget: tuple[int, int]) -> int:
         dominant, contextual = budget
         return dominant + contextual  # CLS + (D - 1) patches + C merged tokens, for any image

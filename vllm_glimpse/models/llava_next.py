@@ -42,6 +42,9 @@ class GlimpseLlavaNextProcessingInfo(LlavaNextProcessingInfo):
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         return self.visionzip_num_tokens(image_width, image_height, budget)
 
+    def unpruned_num_tokens(self, width: int, height: int) -> int:
+        return super().get_num_image_tokens(image_width=width, image_height=height)
+
     def visionzip_num_tokens(self, width: int, height: int, budget: tuple[int, int]) -> int:
         rows, cols = get_anyres_image_grid_shape(
             image_size=(height, width),
