@@ -43,7 +43,7 @@ def test_serve_help_lists_our_options():
         assert option in out, option
 
 
-@pytest.mark.parametrize("case", ["range", "architecture", "wrong_knob"])
+@pytest.mark.parametrize("case", ["range", "architecture", "wrong_knob", "missing_checkpoint"])
 def test_bad_startup_settings_exit_with_one_clear_line(tiny_models, tmp_path, case):
     llava = str(tiny_models["llava"])
     if case == "range":
@@ -56,9 +56,12 @@ def test_bad_startup_settings_exit_with_one_clear_line(tiny_models, tmp_path, ca
             "vocab_size": 100}))
         args, want = [str(tmp_path), "--plugin", "visionzip"], (
             "does not support model architecture ['LlamaForCausalLM']")
-    else:
+    elif case == "wrong_knob":
         args, want = [llava, "--plugin", "glimpse", "--visionzip-dominant", "5"], (
             "--visionzip-dominant does not apply to --plugin glimpse")
+    else:
+        args, want = [llava, "--plugin", "glimpse", "--glimpse-checkpoint", str(tmp_path / "nowhere")], (
+            f"--glimpse-checkpoint {tmp_path / 'nowhere'}: directory does not exist")
     proc = _vllm("serve", *args, "--port", str(_free_port()))
     assert proc.returncode != 0
     last_line = proc.stderr.strip().splitlines()[-1]
@@ -229,3 +232,87 @@ def test_per_request_budget_through_the_api(visionzip_server):
     assert info.value.status_code == 400
     assert "visionzip_dominant must be >= 1, got 0" in str(info.value)
     assert prompt_tokens() == default
+
+
+def scrape_metrics(base_url: str) -> dict[str, float]:
+    """``/metrics`` of the server at ``base_url`` (…/v1) as {"name{labels}": value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def metric_delta(before: dict, after: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+@pytest.mark.slow
+def test_stats_in_the_response_and_prometheus_metrics(visionzip_server):
+    """Each request's image tokens before/after are in the response (also when a stop string,
+    found in the front end, ends it), and /metrics counts them: kept-ratio histogram, saved and
+    before counters, one observation per request with images."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=visionzip_server, api_key="unused")
+    model = client.models.list().data[0].id
+    images = [ImageSpec("checker", 640, 360, 12).build(), ImageSpec("noise", 280, 504, 13).build()]
+    content = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images]
+    content.append({"type": "text", "text": "Describe both."})
+    request = dict(model=model, messages=[{"role": "user", "content": content}], temperature=0.0,
+                   max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True})
+    before = scrape_metrics(visionzip_server)
+    first = client.chat.completions.create(**request)
+    text_only = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Count to three."}], max_tokens=2)
+    text = first.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = client.chat.completions.create(**request, stop=[stop]) if stop.strip() else None
+    after = scrape_metrics(visionzip_server)
+
+    want = {"method": "visionzip", "image_tokens_before": 2 * 576, "image_tokens_after": 2 * 64,
+            "image_tokens_per_image_before": [576, 576], "image_tokens_per_image_after": [64, 64],
+            "prompt_tokens_before": first.usage.prompt_tokens + 2 * 512,
+            "prompt_tokens_after": first.usage.prompt_tokens}
+    assert first.model_extra["kv_transfer_params"]["vllm_glimpse"] == want
+    assert not (text_only.model_extra.get("kv_transfer_params") or {}).get("vllm_glimpse")
+    requests = 1
+    if stopped is not None:
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.model_extra["kv_transfer_params"]["vllm_glimpse"] == want
+        requests = 2
+    label = "{method=visionzip}"
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_kept_ratio_count" + label) == requests
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_kept_ratio_sum" + label) == pytest.approx(
+        requests * 128 / 1152)
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_saved_total" + label) == requests * 1024
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_before_total" + label) == requests * 1152
+    # 64/576 = 0.111: in the 0.15 bucket, not in the 0.1 one
+    bucket = "vllm_glimpse:image_tokens_kept_ratio_bucket{le=%s,method=visionzip}"
+    assert metric_delta(before, after, bucket % "0.15") == requests
+    assert metric_delta(before, after, bucket % "0.1") == 0
+
+
+@pytest.mark.slow
+def test_a_method_the_engine_does_not_run_is_a_400(visionzip_server):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=visionzip_server, api_key="unused")
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(ImageSpec("gradient", 336, 336, 7).build())}},
+        {"type": "text", "text": "What is this?"}]}]
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=1,
+                                       extra_body={"mm_processor_kwargs": {"glimpse_threshold": 0.3}})
+    assert info.value.status_code == 400
+    assert "'glimpse_threshold' does not apply: this engine runs pruning method 'visionzip'" in str(info.value)
+    ok = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
+    assert ok.usage.completion_tokens == 1

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
-from tests.test_serve import _data_url, running_server
+from tests.test_serve import _data_url, metric_delta, running_server, scrape_metrics
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
@@ -28,7 +28,8 @@ def glimpse_server(tiny_models, checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
             "--glimpse-fixed-ratio", str(RATIO), "--dtype", "float32",
-            "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--max-model-len", "4096"]
+            "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--max-model-len", "1024",
+            "--trust-request-mm-kwargs"]
     with running_server(tiny_models["qwen2_5_vl"], args, log) as url:
         yield url, log
 
@@ -70,3 +71,76 @@ def test_chat_completion_prunes_and_equals_reference(glimpse_server, tiny_models
         max_tokens=3, extra_body={"ignore_eos": True})
     assert text_only.usage.completion_tokens == 3
     assert not (text_only.model_extra.get("kv_transfer_params") or {}).get("vllm_glimpse")
+
+
+def _image_message(image, text="What is this?"):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(image)}},
+        {"type": "text", "text": text}]}]
+
+
+@pytest.mark.slow
+def test_per_request_keep_rule_stats_and_metrics(glimpse_server):
+    """extra_body mm_processor_kwargs glimpse_fixed_ratio: the request keeps int(r * N) of its
+    N image tokens (the engine: 0.25); a bad value is a 400 naming the key; /metrics counts each
+    pruned request once with its kept ratio."""
+    from openai import BadRequestError, OpenAI
+
+    url, _ = glimpse_server
+    client = OpenAI(base_url=url, api_key="unused")
+    model = client.models.list().data[0].id
+    messages = _image_message(ImageSpec("gradient", 448, 448, 21).build())
+
+    def stats(**mm_kwargs):
+        extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {}
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=2,
+                                                  extra_body=extra)
+        return response.model_extra["kv_transfer_params"]["vllm_glimpse"]
+
+    before = scrape_metrics(url)
+    default, custom = stats(), stats(glimpse_fixed_ratio=0.5)
+    after = scrape_metrics(url)
+    n = default["image_tokens_before"]
+    assert n == 256  # 448 x 448 px: 16 x 16 merged tokens
+    assert default["image_tokens_after"] == int(RATIO * n)
+    assert custom["image_tokens_after"] == n // 2 and custom["image_tokens_before"] == n
+    label = "{method=glimpse}"
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_kept_ratio_count" + label) == 2
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_kept_ratio_sum" + label) == pytest.approx(0.75)
+    assert metric_delta(before, after, "vllm_glimpse:image_tokens_saved_total" + label) == n - n // 4 + n - n // 2
+
+    with pytest.raises(BadRequestError) as info:
+        stats(glimpse_max_ratio=1.5)
+    assert info.value.status_code == 400
+    assert "mm_processor_kwargs: glimpse_max_ratio must be in (0.0, 1.0], got 1.5" in str(info.value)
+    assert stats() == default
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["too_large", "aspect_ratio", "tiny"])
+def test_image_sizes_the_model_cannot_take(glimpse_server, case):
+    """Qwen2.5-VL resizes every image into [min_pixels, max_pixels]: an image whose tokens do not
+    fit the context (max_model_len 1024 here) or of aspect ratio >= 200 is a 400 naming the
+    problem; a 1 x 1 image is upscaled to 28 x 28 (4 tokens) and served. The server goes on."""
+    from openai import BadRequestError, OpenAI
+
+    url, _ = glimpse_server
+    client = OpenAI(base_url=url, api_key="unused")
+    model = client.models.list().data[0].id
+    sizes = {"too_large": (1400, 1400), "aspect_ratio": (5000, 20), "tiny": (1, 1)}
+    messages = _image_message(ImageSpec("noise", *sizes[case], 22).build())
+    if case == "tiny":
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
+        assert stats["image_tokens_before"] == 4 and stats["image_tokens_after"] == 1
+        return
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+    assert info.value.status_code == 400
+    want = {"too_large": "exceeds model's maximum context length (1024)",
+            "aspect_ratio": "image 1 is 5000x20 px: Qwen2.5-VL takes images whose longer side is "
+                            "less than 200 times the shorter one"}[case]
+    assert want in str(info.value)
+    ok = client.chat.completions.create(
+        model=model, messages=_image_message(ImageSpec("checker", 224, 224, 23).build()), max_tokens=2)
+    assert ok.usage.completion_tokens == 2

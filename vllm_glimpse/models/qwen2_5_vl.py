@@ -46,6 +46,20 @@ from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
 
+# transformers' Qwen2-VL ``smart_resize`` raises for an absolute aspect ratio >= 200 (MAX_RATIO).
+QWEN_MAX_ASPECT_RATIO = 200
+
+
+def _image_hw(image) -> tuple[int, int]:
+    """(height, width) of a PIL image, an HWC array or a CHW tensor."""
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    width, height = image.size
+    return int(height), int(width)
+
+
 class GlimpseQwen2_5_VLMultiModalProcessor(
     GlimpseTokenMixin, RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
 ):
@@ -55,6 +69,21 @@ class GlimpseQwen2_5_VLMultiModalProcessor(
     def _num_images(self, processed) -> int:
         grid = processed.get("image_grid_thw")
         return 0 if grid is None else len(grid)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        # Say which image the HF processor would refuse, and why: vLLM reports its failure as
+        # "Failed to apply Qwen2_5_VLProcessor on data=..." without the cause.
+        for i, image in enumerate(hf_data.get("images") or []):
+            height, width = _image_hw(image)
+            if min(height, width) < 1 or max(height, width) / min(height, width) >= QWEN_MAX_ASPECT_RATIO:
+                raise ValueError(
+                    f"image {i + 1} is {width}x{height} px: Qwen2.5-VL takes images whose longer "
+                    f"side is less than {QWEN_MAX_ASPECT_RATIO} times the shorter one")
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+    def _unpruned_tokens(self, processed) -> list[int]:
+        merge_unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return [int(g.prod()) // merge_unit for g in processed["image_grid_thw"]]
 
     def _get_prompt_updates(
         self,
