@@ -77,15 +77,25 @@ class _Text:
 
 def bench_checkpoint_config(model_config: dict[str, Any],
                             layer: int | None = None) -> dict[str, Any]:
-    """``config.json`` of a GlimpsePrune checkpoint for a Qwen2.5-VL model config (a dict)."""
-    if model_config.get("model_type") != "qwen2_5_vl":
-        raise ValueError(f"bench GlimpsePrune checkpoints are made for Qwen2.5-VL, not "
-                         f"{model_config.get('model_type')!r}")
+    """``config.json`` of a GlimpsePrune checkpoint for a Qwen2.5-VL or LLaVA-1.5 model config
+    (a dict), in the layout of the authors' releases for that family."""
+    model_type = model_config.get("model_type")
+    if model_type not in ("qwen2_5_vl", "llava"):
+        raise ValueError(f"bench GlimpsePrune checkpoints are made for Qwen2.5-VL and LLaVA-1.5, "
+                         f"not {model_type!r}")
     text = _Text(model_config.get("text_config") or model_config)
     vision = model_config["vision_config"]
     K = default_layer(text.num_hidden_layers) if layer is None else layer
     if not 0 <= K < text.num_hidden_layers - 1:
         raise ValueError(f"K = {K} must be in [0, {text.num_hidden_layers - 2}]")
+    if model_type == "llava":
+        # CLIP hidden states 0..L-1 (the tower is built up to feature layer -2), deepest first,
+        # attention log-softmax inputs: as the authors' LLaVA checkpoints.
+        clip_layers = int(vision["num_hidden_layers"])
+        common = common_fields(text, K, list(range(clip_layers - 1, -1, -2)),
+                               use_attention_logits=False)
+        return {"architectures": ["LlavaLlamaForCausalLM_GP"], "model_type": "llava_llama_gp",
+                "mm_hidden_size": vision["hidden_size"], "mm_vision_select_layer": -2, **common}
     common = common_fields(text, K, visual_layers(vision), use_attention_logits=True)
     return {"architectures": ["Qwen2_5_VL_GP_ForConditionalGeneration"],
             "model_type": "qwen2_5_vl_gp", "num_key_value_heads": text.num_key_value_heads,
@@ -98,8 +108,8 @@ def bench_glimpse_checkpoint(name: str = "qwen2_5_vl", layer: int | None = None,
                              cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the synthetic checkpoint for bench model ``name`` (K = ``layer``, default
     :func:`default_layer`), generated on first use."""
-    if name != "qwen2_5_vl":
-        raise ValueError(f"bench GlimpsePrune checkpoints exist for qwen2_5_vl only, not {name!r}")
+    if name not in ("qwen2_5_vl", "llava"):
+        raise ValueError(f"bench GlimpsePrune checkpoints exist for qwen2_5_vl and llava, not {name!r}")
     model_dir = bench_model_path(name, cache_dir)
     model_config = _read_config(model_dir)
     config = bench_checkpoint_config(model_config, layer)
