@@ -8,9 +8,13 @@ returns None once with a warning and callers use their torch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,10 @@ def _csrc_dir() -> Path:
 def _build_dir() -> Path:
     root = os.environ.get("VLLM_GLIMPSE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "vllm-glimpse")
-    path = Path(root, "build", "cpu_ops")
+    # One build per Python environment and torch: two checkouts (two venvs) sharing the cache
+    # would otherwise keep rebuilding each other's (torch's build.ninja names the venv's paths).
+    env_key = hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:12]
+    path = Path(root, "build", f"cpu_ops-{env_key}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
