@@ -281,14 +281,18 @@ def _ratio(x: dict[str, float], base: dict[str, float]) -> dict[str, float]:
             "max": x["max"] / base["min"]}
 
 
-def _rates(tp: dict[str, Any], n: int) -> dict[str, Any]:
+def _rates(tp: dict[str, Any], n: int, w: Workload, submitted: float | None = None) -> dict[str, Any]:
+    """req/s and prompt tok/s (prompt tokens as submitted, before pruning: ``submitted`` for the
+    limit, whose prompts hold only the kept tokens), prompt tokens submitted and kept."""
+    prompt = statistics.mean(tp["prompt_tokens"])  # as the engine reports them (stats: before)
+    if tp["kept_image_tokens"]:  # pruned in the engine: kept = submitted - pruned image tokens
+        kept = prompt - w.image_tokens + statistics.mean(tp["kept_image_tokens"])
+    else:
+        kept = prompt
+    submitted = prompt if submitted is None else submitted
     req_s = [n / t for t in tp["times_s"]]
-    tok_s = [n * p / t for p, t in zip(tp["prompt_tokens"], tp["times_s"])]
-    out = {"req_s": _stats(req_s), "prompt_tok_s": _stats(tok_s),
-           "prompt_tokens": statistics.mean(tp["prompt_tokens"])}
-    if tp["kept_image_tokens"]:
-        out["kept_image_tokens"] = statistics.mean(tp["kept_image_tokens"])
-    return out
+    return {"req_s": _stats(req_s), "prompt_tok_s": _stats([r * submitted for r in req_s]),
+            "prompt_tokens": submitted, "kept_prompt_tokens": kept}
 
 
 BLOCK = 128  # vLLM's CPU KV block size
@@ -338,11 +342,11 @@ def run_offline(w: Workload, args, log) -> dict[str, Any]:
 
 
 def summarize_offline(w: Workload, rows: dict[str, Any], n: int) -> dict[str, Any]:
-    base = _rates(rows["vanilla"]["throughput"], n)
+    base = _rates(rows["vanilla"]["throughput"], n, w)
     lines = []
 
-    def line(name, tp, held=None, residency=None):
-        rates = _rates(tp, n)
+    def line(name, tp, held=None, residency=None, submitted=None):
+        rates = _rates(tp, n, w, submitted)
         entry = {"config": name, **rates, "req_s_ratio": _ratio(rates["req_s"], base["req_s"]),
                  "prompt_tok_s_ratio": _ratio(rates["prompt_tok_s"], base["prompt_tok_s"])}
         if held is not None:
@@ -355,7 +359,7 @@ def summarize_offline(w: Workload, rows: dict[str, Any], n: int) -> dict[str, An
     for name, r in rows.items():
         if name == "limit":
             for method, tp in r["throughput"].items():
-                line(f"limit-{method}", tp)
+                line(f"limit-{method}", tp, submitted=base["prompt_tokens"])
         else:
             line(name, r["throughput"], r.get("held"), r.get("residency"))
     v = next(e for e in lines if e["config"] == "vanilla")
@@ -431,11 +435,11 @@ def _f(x, spec=".3f"):
 def print_offline(res: dict[str, Any]) -> None:
     w = res["workload"]
     print(f"\n{w['name']}: {w['image_tokens']} image tokens per request ({res['model']})")
-    print(f"{'config':<18}{'prompt tok':>11}{'req/s (min-max)':>26}{'x vanilla':>22}"
+    print(f"{'config':<18}{'kept tok':>11}{'req/s (min-max)':>26}{'x vanilla':>22}"
           f"{'of limit':>9}{'KV blk/req':>11}{'x':>6}{'resident':>9}{'x':>6}")
     for e in res["lines"]:
         r, q = e["req_s"], e["req_s_ratio"]
-        print(f"{e['config']:<18}{e['prompt_tokens']:>11.1f}"
+        print(f"{e['config']:<18}{e['kept_prompt_tokens']:>11.1f}"
               f"{r['median']:>10.3f} ({r['min']:.3f}-{r['max']:.3f})"
               f"{q['median']:>8.2f} ({q['min']:.2f}-{q['max']:.2f})"
               f"{_f(e.get('of_limit'), '.2f'):>9}{_f(e.get('kv_blocks_per_req'), '.1f'):>11}"
@@ -455,6 +459,45 @@ def print_online(name: str, res: dict[str, Any]) -> None:
                   f"{lv['ttft_ms_median']:>12.0f}{lv['ttft_ms_p90']:>8.0f}"
                   f"{_f(lv['ttft_ms_median_ratio'], '.2f'):>6}{lv['itl_ms_median']:>11.1f}"
                   f"{lv['itl_ms_p90']:>8.1f}{_f(lv['itl_ms_median_ratio'], '.2f'):>6}")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report's tables in Markdown (what the README's results section shows)."""
+    def rng(q, spec=".2f"):
+        return f"{q['median']:{spec}} ({q['min']:{spec}}–{q['max']:{spec}})"
+
+    lines = []
+    for o in report["offline"]:
+        w = o["workload"]
+        lines += [f"**{w['name']}** ({w['image_tokens']:,} image tokens per request)", "",
+                  "| config | prompt tok/req → kept | req/s | × vanilla | of limit | prompt tok/s × vanilla "
+                  "| KV blocks/req | × vanilla | max resident | × vanilla |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for e in o["lines"]:
+            capped = "*" if e.get("resident_capped") else ""
+            lines.append(
+                f"| {e['config']} | {e['prompt_tokens']:,.1f} → {e['kept_prompt_tokens']:,.1f} | "
+                f"{rng(e['req_s'], '.3f')} | "
+                f"{rng(e['req_s_ratio'])} | {_f(e.get('of_limit'), '.2f')} | "
+                f"{e['prompt_tok_s_ratio']['median']:.2f} | {_f(e.get('kv_blocks_per_req'), '.1f')} | "
+                f"{_f(e.get('kv_blocks_ratio'), '.2f')} | {e.get('max_resident', '-')}{capped} | "
+                f"{_f(e.get('max_resident_ratio'), '.2f')} |")
+        lines.append("")
+    for name, res in report["online"].items():
+        lines += [f"**{name}, online** (streaming chat completions against `vllm serve`)", "",
+                  "| config | concurrency | req/s | × vanilla | TTFT median (p90) ms | × vanilla "
+                  "| ITL median (p90) ms | × vanilla |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for cfg, r in res.items():
+            for lv in r["levels"]:
+                lines.append(
+                    f"| {cfg} | {lv['concurrency']} | {lv['request_throughput']:.3f} | "
+                    f"{_f(lv['request_throughput_ratio'], '.2f')} | {lv['ttft_ms_median']:.0f} "
+                    f"({lv['ttft_ms_p90']:.0f}) | {_f(lv['ttft_ms_median_ratio'], '.2f')} | "
+                    f"{lv['itl_ms_median']:.1f} ({lv['itl_ms_p90']:.1f}) | "
+                    f"{_f(lv['itl_ms_median_ratio'], '.2f')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], out: Path) -> list[str]:
@@ -566,9 +609,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5400)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--render", default=None, metavar="REPORT",
+                   help="recompute the tables, results.md and plots of a report.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+
+    if args.render:
+        path = Path(args.render)
+        report = json.loads(path.read_text())
+        n = report["settings"]["requests"]
+        report["offline"] = [summarize_offline(Workload(**o["workload"]), o["raw"], n)
+                             for o in report["offline"]]
+        for o in report["offline"]:
+            print_offline(o)
+        for name, res in report["online"].items():
+            print_online(name, res)
+        report["plots"] = plot(report, path.parent)
+        path.write_text(json.dumps(report, indent=1))
+        (path.parent / "results.md").write_text(render_markdown(report))
+        return 0
 
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
@@ -625,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     report["plots"] = plot(report, out)
     report["total_s"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(render_markdown(report))
     print(f"\nreport: {out / 'report.json'}; plots: {', '.join(report['plots'])}; "
           f"{report['total_s'] / 60:.1f} min")
     return 0

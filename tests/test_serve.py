@@ -43,7 +43,8 @@ def test_serve_help_lists_our_options():
         assert option in out, option
 
 
-@pytest.mark.parametrize("case", ["range", "architecture", "wrong_knob", "missing_checkpoint"])
+@pytest.mark.parametrize("case", ["range", "architecture", "wrong_knob", "missing_checkpoint",
+                                  "method_not_for_model"])
 def test_bad_startup_settings_exit_with_one_clear_line(tiny_models, tmp_path, case):
     llava = str(tiny_models["llava"])
     if case == "range":
@@ -59,9 +60,12 @@ def test_bad_startup_settings_exit_with_one_clear_line(tiny_models, tmp_path, ca
     elif case == "wrong_knob":
         args, want = [llava, "--plugin", "glimpse", "--visionzip-dominant", "5"], (
             "--visionzip-dominant does not apply to --plugin glimpse")
-    else:
+    elif case == "missing_checkpoint":
         args, want = [llava, "--plugin", "glimpse", "--glimpse-checkpoint", str(tmp_path / "nowhere")], (
             f"--glimpse-checkpoint {tmp_path / 'nowhere'}: directory does not exist")
+    else:
+        args, want = [str(tiny_models["llava_next"]), "--plugin", "glimpse", "--glimpse-checkpoint",
+                      str(tmp_path)], "pruning method 'glimpse' is not available for LLaVA-NeXT"
     proc = _vllm("serve", *args, "--port", str(_free_port()))
     assert proc.returncode != 0
     last_line = proc.stderr.strip().splitlines()[-1]
