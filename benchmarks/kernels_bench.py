@@ -182,6 +182,14 @@ def attention_scores_case(device, backend, *, model, s_q, s, heads, head_dim, re
 # --- 2. VisionZip dominant-token top-k ------------------------------------------------------------
 
 
+def _equal_check(label):
+    """A case's check: the fast path's tensor equals the reference's exactly."""
+    def check(got, want):
+        _assert_equal(label, got, want)
+        return "equal"
+    return check
+
+
 def _token_scores(device, n, seed):
     # Merged per-token scores as the Qwen path produces them: positive float32, distinct.
     return torch.rand(n, generator=_generator(device, seed), device=device)
@@ -191,16 +199,12 @@ def topk_keep_mask_case(device, backend, *, model, n, k, seed=0):
     """topk_keep_mask(scores [n], k) -> bool [n]."""
     scores = _token_scores(device, n, seed)
 
-    def check(got, want):
-        _assert_equal(f"topk_keep_mask[{model}]", got, want)
-        return "equal"
-
     # Bytes: read n float32 scores, write the n-byte bool mask.
     return Case(
         kernel="topk_keep_mask", model=model, shape=dict(n=n, k=k), dtype="float32",
         fast=partial(vz_kernels.topk_keep_mask, scores, k, backend=backend),
         reference=partial(vz_kernels.topk_keep_mask_reference, scores, k),
-        check=check, bytes_moved=lambda _: n * 4 + n,
+        check=_equal_check(f"topk_keep_mask[{model}]"), bytes_moved=lambda _: n * 4 + n,
         cpu_path_is_reference=True, note="Triton path compute-bound: O(n^2) rank comparisons")
 
 
@@ -212,16 +216,12 @@ def topk_indices_case(device, backend, *, model, n, k, seed=0):
     """topk_indices(scores [n], k) -> sorted long [min(k, n)]."""
     scores = _token_scores(device, n, seed)
 
-    def check(got, want):
-        _assert_equal(f"topk_indices[{model}]", got, want)
-        return "equal"
-
     # Bytes: read n float32 scores, write min(k, n) int64 indices.
     return Case(
         kernel="topk_indices", model=model, shape=dict(n=n, k=k), dtype="float32",
         fast=partial(vz_kernels.topk_indices, scores, k, backend=backend),
         reference=partial(_topk_indices_reference, scores, k),
-        check=check, bytes_moved=lambda _: n * 4 + min(k, n) * 8,
+        check=_equal_check(f"topk_indices[{model}]"), bytes_moved=lambda _: n * 4 + min(k, n) * 8,
         cpu_path_is_reference=True, note="Triton path compute-bound: O(n^2) rank comparisons")
 
 

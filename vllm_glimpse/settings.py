@@ -418,7 +418,9 @@ def request_glimpse_overrides(mm_kwargs: Mapping[str, Any]) -> GlimpseSettings |
 def _glimpse_request_config(engine: PruningConfig, ours: Mapping[str, Any]) -> PruningConfig:
     """GlimpsePrune: a request may set its keep rule; the checkpoint and the layer K are the
     engine's (the model was built for them). Range checks as for the engine's knobs, and
-    fixed_ratio cannot be combined with threshold or max_ratio (as on the command line)."""
+    fixed_ratio cannot be combined with threshold or max_ratio (as on the command line). A
+    threshold-mode knob replaces an engine-wide fixed ratio and vice versa
+    (``glimpse.checkpoint.request_keep_rule``)."""
     knobs = {k[len("glimpse_"):]: v for k, v in ours.items()}
     engine_wide = sorted(k for k in knobs if k in ("checkpoint", "layer"))
     if engine_wide:
@@ -438,15 +440,9 @@ def _glimpse_request_config(engine: PruningConfig, ours: Mapping[str, Any]) -> P
             f"mm_processor_kwargs: glimpse_fixed_ratio keeps exactly int(fixed_ratio * N) "
             f"tokens, so it cannot be combined with glimpse_{threshold_mode[0]}"
         )
-    # The request's mode replaces the engine's: a threshold-mode knob drops the engine's
-    # fixed_ratio, a fixed_ratio drops its threshold and max_ratio.
-    base = dataclasses.asdict(engine.glimpse or GlimpseSettings())
-    if threshold_mode:
-        base["fixed_ratio"] = None
-    if request.fixed_ratio is not None:
-        base["threshold"] = base["max_ratio"] = None
-    base.update({k: v for k, v in dataclasses.asdict(request).items() if v is not None})
-    return PruningConfig(method="glimpse", glimpse=GlimpseSettings(**base))
+    # The engine's settings stand: the request's knobs travel on their own
+    # (request_glimpse_overrides) and the model applies them over the engine's resolved rule.
+    return engine
 
 
 def rename_knobs(message: str, method: str, name: Callable[[str], str]) -> str:
