@@ -165,9 +165,8 @@ def model_path(family: str) -> str:
 
 def _prompts(spec, tokenizer, count: int, seed0: int, embed_tokens: int | None = None,
              hidden: int = 0, dtype=None) -> list[dict[str, Any]]:
-    import torch
-
-    from vllm_glimpse.testing.workloads import IMAGE_KINDS, chat_prompt, synthetic_image
+    from vllm_glimpse.testing.workloads import (IMAGE_KINDS, chat_prompt, image_embeds_input,
+                                                random_image_embeds, synthetic_image)
 
     prompts = []
     for i in range(count):
@@ -176,13 +175,8 @@ def _prompts(spec, tokenizer, count: int, seed0: int, embed_tokens: int | None =
             image: Any = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], spec["side"],
                                          spec["side"], seed0 + i)
         else:
-            g = torch.Generator().manual_seed(seed0 + i)
-            embeds = torch.randn(embed_tokens, hidden, generator=g).to(dtype)
-            if spec["family"] == "qwen2_5_vl":  # grid (1, 2, 2n): n tokens after the 2x2 merge
-                image = {"image_embeds": embeds,
-                         "image_grid_thw": torch.tensor([[1, 2, 2 * embed_tokens]])}
-            else:  # [1, n, hidden]: one image's projector output
-                image = embeds.unsqueeze(0)
+            image = image_embeds_input(
+                spec["family"], random_image_embeds(embed_tokens, hidden, dtype, seed0 + i))
         prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
     return prompts
 

@@ -148,34 +148,24 @@ def configs_for(family: str) -> list[Config]:
 # --------------------------------------------------------------------------------------------
 
 
-def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int | None,
-              hidden: int, dtype, given_embeds: list | None = None) -> list[dict[str, Any]]:
+def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int | None = None,
+              hidden: int = 0, dtype=None, given_embeds: list | None = None) -> list[dict[str, Any]]:
     """``count`` prompts, each with a distinct image, distinct random embeddings
     (``embed_tokens``), or the i-th of ``given_embeds`` ([tokens, hidden] each)."""
-    import torch
-
-    from vllm_glimpse.testing.workloads import IMAGE_KINDS, chat_prompt, synthetic_image
+    from vllm_glimpse.testing.workloads import (IMAGE_KINDS, chat_prompt, image_embeds_input,
+                                                random_image_embeds, synthetic_image)
 
     prompts = []
     for i in range(count):
-        seed = seed0 + i
         text = chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], 1)
         if given_embeds is not None:
-            image = given_embeds[i].unsqueeze(0)  # LLaVA: [1, tokens, hidden], one image
+            image: Any = image_embeds_input(family, given_embeds[i])
         elif embed_tokens is None:
             w, h = IMAGE_SIZE[family]
-            image: Any = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w, h, seed)
+            image = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w, h, seed0 + i)
         else:
-            g = torch.Generator().manual_seed(seed)
-            embeds = torch.randn(embed_tokens, hidden, generator=g).to(dtype)
-            if family == "llava":
-                # [1, num_tokens, hidden]: one image's projector output (a 2-D tensor would be
-                # read as num_tokens separate images)
-                image = embeds.unsqueeze(0)
-            else:
-                # grid (t, h, w) = (1, 2, 2n): n tokens after the 2x2 merge, M-RoPE over 1 x n
-                image = {"image_embeds": embeds,
-                         "image_grid_thw": torch.tensor([[1, 2, 2 * embed_tokens]])}
+            image = image_embeds_input(
+                family, random_image_embeds(embed_tokens, hidden, dtype, seed0 + i))
         prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
     return prompts
 
@@ -393,8 +383,8 @@ def serve_worker(spec: dict[str, Any]) -> None:
             continue
         r = cmd["round"]
         if given is not None:
-            reqs = _requests("llava", llm.get_tokenizer(), spec["requests"],
-                             _round_seed(spec, r), None, 0, None, given_embeds=given[r])
+            reqs = _requests(cfg.family, llm.get_tokenizer(), spec["requests"],
+                             _round_seed(spec, r), given_embeds=given[r])
         else:
             reqs = _batch_requests(llm, spec, cfg, spec["requests"], _round_seed(spec, r),
                                    embed_tokens)
@@ -701,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llava-model", default="llava_large", choices=("llava_large", "llava"),
                    help="bench checkpoint of the LLaVA-1.5 rows: llava_large (~0.69B LLM, "
                         "default, the goal measurement) or llava (~0.31B, the suite's)")
-    p.add_argument("--requests", type=int, default=32, help="N requests per timed batch")
+    p.add_argument("--requests", type=int, default=None,
+                   help="N requests per timed batch (default 32; --interleave 16; --quick 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
     p.add_argument("--warmup", type=int, default=4, help="requests in the warm-up call")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -733,9 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.quick:
-        args.requests, args.repeats, args.warmup = 4, 1, 2
-    if args.interleave and "--requests" not in " ".join(argv if argv is not None else sys.argv):
-        args.requests = 16
+        args.repeats, args.warmup = 1, 2
+    if args.requests is None:
+        args.requests = 4 if args.quick else 16 if args.interleave else 32
     families = [m.strip() for m in args.models.split(",") if m.strip()]
     for f in families:
         if f not in ("llava", "qwen"):

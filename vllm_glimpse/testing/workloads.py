@@ -67,6 +67,31 @@ def chat_prompt(tokenizer: Any, text: str, num_images: int) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def image_embeds_input(model_type: str, embeds: Any) -> Any:
+    """The ``multi_modal_data["image"]`` entry of one image given as precomputed embeddings
+    ``[n, hidden]`` (what the projector / merger would output), for vLLM's ``enable_mm_embeds``.
+
+    Qwen2.5-VL needs a grid for M-RoPE: (t, h, w) = (1, 2, 2n) gives n tokens after the 2x2
+    merge, laid out 1 x n. LLaVA-style models take ``[1, n, hidden]`` (a 2-D tensor would be read
+    as n separate images)."""
+    import torch
+
+    if model_type.startswith("qwen"):
+        return {"image_embeds": embeds,
+                "image_grid_thw": torch.tensor([[1, 2, 2 * embeds.shape[0]]])}
+    return embeds.unsqueeze(0)
+
+
+def random_image_embeds(tokens: int, hidden: int, dtype: Any, seed: int) -> Any:
+    """Deterministic standard-normal embeddings ``[tokens, hidden]``. Note that a model's speed
+    on a CPU can depend on the values: these are not a stand-in for real projector outputs in a
+    timing comparison (see benchmarks/visionzip_throughput.py)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, hidden, generator=g).to(dtype)
+
+
 def build_request(tokenizer: Any, spec: RequestSpec) -> dict[str, Any]:
     """A prompt dict for ``LLM.generate``."""
     prompt: dict[str, Any] = {"prompt": chat_prompt(tokenizer, spec.text, len(spec.images))}
