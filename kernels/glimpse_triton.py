@@ -191,31 +191,29 @@ def _token_requests(image_offsets: torch.Tensor, total: int) -> torch.Tensor:
 
 def _logits_cpu(glimpse_q, key_cache, block_table, image_positions, image_offsets, scale, seq_lens,
                 shapes: _LogitsShapes) -> torch.Tensor:
-    """Vectorised torch: one gather of all image keys, GQA by viewing query heads as groups."""
+    """Vectorised torch, GQA by viewing query heads as groups. Raw logits: one gather of all
+    image keys. log_softmax (LLaVA): per request, one gather of its keys, whose logits give both
+    the logsumexp and, indexed, the image columns (a request at a time: padding the batch to its
+    longest sequence in float32 is memory-bound on a CPU)."""
     _validate_logits_values(shapes, key_cache, block_table, image_positions, image_offsets, seq_lens)
     group = shapes.heads // shapes.kv_heads
     bs = shapes.block_size
-    req = _token_requests(image_offsets, shapes.total)
     pos = image_positions.long()
-    keys = key_cache[block_table[req, pos // bs].long(), pos % bs].float()  # [T, KVH, D]
-    q = glimpse_q.float().view(shapes.batch, shapes.kv_heads, group, shapes.dim)[req]  # [T, KVH, G, D]
-    logits = torch.einsum("tkgd,tkd->tkg", q, keys).reshape(shapes.total, shapes.heads) * scale
+    q = glimpse_q.float().view(shapes.batch, shapes.kv_heads, group, shapes.dim)
     if seq_lens is None:
-        return logits
-    # logsumexp over every key of each sequence: pad the sequences to the longest.
-    seq = seq_lens.long()
-    longest = int(seq.max()) if shapes.batch else 0
-    p = torch.arange(longest, device=seq.device)
-    valid = p[None, :] < seq[:, None]  # [B, S]
-    blocks = block_table.long().gather(1, (p // bs).clamp(max=block_table.shape[1] - 1)
-                                       .expand(shapes.batch, -1))
-    all_keys = key_cache[blocks, (p % bs).expand(shapes.batch, -1)].float()  # [B, S, KVH, D]
-    q_all = glimpse_q.float().view(shapes.batch, shapes.kv_heads, group, shapes.dim)
-    all_logits = torch.einsum("bkgd,bskd->bskg", q_all, all_keys).reshape(
-        shapes.batch, longest, shapes.heads) * scale
-    all_logits = all_logits.masked_fill(~valid[:, :, None], float("-inf"))
-    lse = torch.logsumexp(all_logits, dim=1)  # [B, H]
-    return logits - lse[req]
+        req = _token_requests(image_offsets, shapes.total)
+        keys = key_cache[block_table[req, pos // bs].long(), pos % bs].float()  # [T, KVH, D]
+        return torch.einsum("tkgd,tkd->tkg", q[req], keys).reshape(shapes.total, shapes.heads) * scale
+    offsets = image_offsets.tolist()
+    out = [torch.zeros(0, shapes.heads, dtype=torch.float32, device=glimpse_q.device)]
+    for b, length in enumerate(seq_lens.tolist()):
+        if offsets[b] == offsets[b + 1]:
+            continue
+        p = torch.arange(length, device=key_cache.device)
+        keys = key_cache[block_table[b, p // bs].long(), p % bs].float()  # [S, KVH, D]
+        logits = torch.einsum("kgd,skd->skg", q[b], keys).reshape(length, shapes.heads) * scale
+        out.append(logits[pos[offsets[b]:offsets[b + 1]]] - torch.logsumexp(logits, dim=0))
+    return torch.cat(out)
 
 
 if HAS_TRITON:
@@ -508,14 +506,17 @@ def _compact_torch(mask: torch.Tensor, offsets: torch.Tensor, total: int, trim: 
 
 
 def _keep_cpu(scores, offsets, thr, max_r, min_n, fixed, trim) -> KeepResult:
-    """Vectorised torch: ranks from one stable sort by logit then one stable sort by request."""
+    """Vectorised torch decisions (:func:`_plan`); then, only for the requests that need a top-k
+    (capped, topped up or fixed), one stable descending sort of that request's logits."""
     total = scores.shape[0]
     x, above, req, use_above, limit = _plan(scores, offsets, thr, max_r, min_n, fixed)
-    order = torch.sort(x, descending=True, stable=True).indices
-    order = order[torch.sort(req[order], stable=True).indices]  # by request, then logit desc, index asc
-    rank = torch.empty(total, dtype=torch.long, device=x.device)
-    rank[order] = torch.arange(total, device=x.device) - offsets.long()[req[order]]
-    mask = (use_above[req] & above) | (rank < limit[req])
+    mask = use_above[req] & above
+    needs_rank = torch.nonzero(limit > 0).squeeze(-1).tolist()
+    if needs_rank:
+        bounds, limits = offsets.tolist(), limit.tolist()
+        for b in needs_rank:  # ties towards the lower index, as keep_mask
+            top = torch.sort(x[bounds[b]:bounds[b + 1]], descending=True, stable=True).indices
+            mask[bounds[b] + top[:limits[b]]] = True
     return _compact_torch(mask, offsets, total, trim)
 
 
