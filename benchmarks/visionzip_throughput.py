@@ -13,12 +13,14 @@ Two modes:
   the Qwen2.5-VL part about as long.
 * ``--interleave ROUNDS`` (the LLaVA-1.5 goal measurement): vanilla, VisionZip-64 and limit-64
   as three engines alive at once (three subprocesses, ~17 GB), and ROUNDS rounds; a round runs
-  one batch of N (default 16) requests on each engine back to back, in a rotating order, on the
-  same images. The goals are checked on the median of the per-round ratios. Why: the machine
+  one batch of N (default 32) requests on each engine back to back, in a rotating order, on the
+  same images, then a batch of other images on VisionZip and the limit in the mirrored order
+  (A B B A: a steady drift of the machine's speed cancels in their ratio). The goals are checked
+  on the median of the per-round ratios. Why: the machine
   this was written on is a shared VM whose speed swings by up to 3x within minutes (a fixed
   bf16 matmul loop on one thread took 0.86 to 3.25 s in one minute), which no sequential
   schedule of separate engines can tell apart from a 10% difference; within a round the three
-  batches run within a minute or two of each other. 6 rounds take ~15 minutes.
+  batches run within a few minutes of each other. 6 rounds take ~30 minutes.
 
 Models: bench-size random-weight checkpoints from :mod:`vllm_glimpse.testing.bench_models`
 (real image-token geometry, a shallow narrow vision tower, a large random LLM), generated on
@@ -330,15 +332,15 @@ def _set_capture(worker_obj, on: bool):
     return caught
 
 
-def capture_embeddings(llm, spec: dict[str, Any], cfg: Config, rounds: int) -> dict[int, list]:
-    """The image embeddings this (VisionZip) engine feeds its LLM for each round's requests:
+def capture_embeddings(llm, spec: dict[str, Any], cfg: Config, sets: int) -> dict[int, list]:
+    """The image embeddings this (VisionZip) engine feeds its LLM for each image set's requests:
     one request at a time, so that each output is one request's."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=1)
     out: dict[int, list] = {}
-    for r in range(rounds):
-        reqs = _batch_requests(llm, spec, cfg, spec["requests"], _round_seed(spec, r), None)
+    for r in range(sets):
+        reqs = _batch_requests(llm, spec, cfg, spec["requests"], _set_seed(spec, r), None)
         out[r] = []
         for req in reqs:
             llm.collective_rpc(_set_capture, args=(True,))
@@ -350,13 +352,13 @@ def capture_embeddings(llm, spec: dict[str, Any], cfg: Config, rounds: int) -> d
     return out
 
 
-def _round_seed(spec: dict[str, Any], r: int) -> int:
-    return 2_000_000 + r * spec["requests"]
+def _set_seed(spec: dict[str, Any], image_set: int) -> int:
+    return 2_000_000 + image_set * spec["requests"]
 
 
 def serve_worker(spec: dict[str, Any]) -> None:
-    """One configuration's engine, kept alive: warm up, then one timed batch per ``{"round": r}``
-    line on stdin (the requests of round r are the same images in every configuration)."""
+    """One configuration's engine, kept alive: warm up, then one timed batch per ``{"set": s}``
+    line on stdin (the requests of image set s are the same images in every configuration)."""
     import vllm  # noqa: F401
 
     from vllm_glimpse.testing.generate import shutdown
@@ -376,17 +378,17 @@ def serve_worker(spec: dict[str, Any]) -> None:
         cmd = json.loads(line)
         if cmd.get("quit"):
             break
-        if "capture_rounds" in cmd:
-            caught = capture_embeddings(llm, spec, cfg, cmd["capture_rounds"])
+        if "capture_sets" in cmd:
+            caught = capture_embeddings(llm, spec, cfg, cmd["capture_sets"])
             torch.save(caught, cmd["out"])
             _reply(dict(tokens=sorted({e.shape[0] for v in caught.values() for e in v})))
             continue
-        r = cmd["round"]
+        r = cmd["set"]
         if given is not None:
             reqs = _requests(cfg.family, llm.get_tokenizer(), spec["requests"],
-                             _round_seed(spec, r), given_embeds=given[r])
+                             _set_seed(spec, r), given_embeds=given[r])
         else:
-            reqs = _batch_requests(llm, spec, cfg, spec["requests"], _round_seed(spec, r),
+            reqs = _batch_requests(llm, spec, cfg, spec["requests"], _set_seed(spec, r),
                                    embed_tokens)
         _reply(_timed_batch(llm, spec, reqs))
     shutdown(llm)
@@ -404,9 +406,12 @@ def _kv_cache_gib(model: str, tokens_per_request: int, requests: int) -> int:
 
 
 def interleave(args, model: str, log) -> dict[str, Any]:
-    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three live engines; each round runs one
-    batch on each, back to back, in a rotating order. Paired per-round ratios cancel what a
-    shared machine's load does to all three in the same minute."""
+    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three live engines. Round r runs image
+    set 2r on each, back to back, in a rotating order, then image set 2r+1 on the limit and
+    VisionZip in the reverse of their order before (A B ... B A). Paired per-round ratios cancel
+    what a shared machine's load does to the engines in the same minutes; the mirrored pair also
+    cancels, in the VisionZip / limit ratio, a speed that rises or falls steadily through the
+    round."""
     import subprocess
     import tempfile
 
@@ -470,7 +475,7 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         # the limit's LLM then does exactly VisionZip's LLM work. (Random embeddings ran the
         # same 1,448-token prefill ~1.45x slower on this CPU: the speed depends on the values.)
         start(cfgs[1], "capture")
-        caught = send("capture", {"capture_rounds": args.interleave, "out": str(embeds_file)})
+        caught = send("capture", {"capture_sets": 2 * args.interleave, "out": str(embeds_file)})
         if caught["tokens"] != [d + c]:
             raise SystemExit(f"capture: VisionZip embeddings of {caught['tokens']} tokens, "
                              f"expected {d + c}")
@@ -480,13 +485,19 @@ def interleave(args, model: str, log) -> dict[str, Any]:
                   **({"embeds_file": str(embeds_file)} if cfg.kind == "limit" else {}))
         for r in range(args.interleave):
             order = cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]
-            rec = {cfg.name: send(cfg.name, {"round": r}) for cfg in order}
-            rounds.append(dict(order=[cfg.name for cfg in order], batches=rec))
+            rec = {cfg.name: send(cfg.name, {"set": 2 * r}) for cfg in order}
+            mirrored = [cfg for cfg in reversed(order) if cfg.kind != "vanilla"]
+            rec2 = {cfg.name: send(cfg.name, {"set": 2 * r + 1}) for cfg in mirrored}
+            rounds.append(dict(order=[cfg.name for cfg in order], batches=rec,
+                               mirrored_order=[cfg.name for cfg in mirrored],
+                               mirrored_batches=rec2))
             t = {k: v["times_s"] for k, v in rec.items()}
+            t2 = {k: v["times_s"] for k, v in rec2.items()}
+            x = _round_ratios(rounds[-1], vz_name, cfgs[2].name)
             log(f"  round {r + 1}/{args.interleave}: " + ", ".join(
-                f"{k.split(' ')[0]} {v:.1f} s" for k, v in t.items()) +
-                f"; x vanilla {t['vanilla'] / t[vz_name]:.2f}, x limit "
-                f"{t[cfgs[2].name] / t[vz_name]:.3f}")
+                f"{k.split(' ')[0]} {v:.1f} s" for k, v in t.items()) + "; then " + ", ".join(
+                f"{k.split(' ')[0]} {v:.1f} s" for k, v in t2.items()) +
+                f"; x vanilla {x[0]:.2f}, x limit {x[1]:.3f}")
     finally:
         for name in list(procs):
             stop(name)
@@ -495,10 +506,22 @@ def interleave(args, model: str, log) -> dict[str, Any]:
                 summary=interleave_summary(rounds, vz_name, cfgs[2].name, args.requests))
 
 
+def _round_ratios(rnd: dict[str, Any], vz: str, limit: str) -> tuple[float, float]:
+    """(VisionZip x vanilla on the round's shared image set, VisionZip x limit over both of the
+    round's sets: the limit's two batch times over VisionZip's two)."""
+    first, second = rnd["batches"], rnd.get("mirrored_batches", {})
+    x_vanilla = first["vanilla"]["times_s"] / first[vz]["times_s"]
+    both = [b for b in (first, second) if b]
+    x_limit = sum(b[limit]["times_s"] for b in both) / sum(b[vz]["times_s"] for b in both)
+    return x_vanilla, x_limit
+
+
 def interleave_summary(rounds: list[dict[str, Any]], vz: str, limit: str, n: int) -> dict:
     times = {k: [r["batches"][k]["times_s"] for r in rounds] for k in rounds[0]["batches"]}
-    x_vanilla = [r["batches"]["vanilla"]["times_s"] / r["batches"][vz]["times_s"] for r in rounds]
-    x_limit = [r["batches"][limit]["times_s"] / r["batches"][vz]["times_s"] for r in rounds]
+    for k in (vz, limit):  # the mirrored batches are batches of N requests as well
+        times[k] += [r["mirrored_batches"][k]["times_s"] for r in rounds
+                     if r.get("mirrored_batches")]
+    x_vanilla, x_limit = (list(x) for x in zip(*(_round_ratios(r, vz, limit) for r in rounds)))
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(
         req_s={k: n / m for k, m in med.items()},
@@ -515,8 +538,10 @@ def interleave_summary(rounds: list[dict[str, Any]], vz: str, limit: str, n: int
 def print_interleave(res: dict[str, Any], args) -> list[str]:
     s, vz = res["summary"], res["configs"][1]["name"]
     print(f"\nInterleaved: {len(res['rounds'])} rounds, each one batch of {args.requests} requests "
-          f"(max_tokens {args.max_tokens}) on each live engine, back to back, order rotating; "
-          f"the same images in every engine within a round")
+          f"(max_tokens {args.max_tokens}) on each live engine, back to back, order rotating, "
+          f"then one more on VisionZip and the limit in the mirrored order (other images); the "
+          f"same images in every engine within a round; x limit per round = the limit's two "
+          f"batch times over VisionZip's two")
     head = (f"{'config':<26} {'prompt tok/req':>14} {'req/s median (min–max)':>26} "
             f"{'vision ms/req':>13}")
     print(head)
@@ -692,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bench checkpoint of the LLaVA-1.5 rows: llava_large (~0.69B LLM, "
                         "default, the goal measurement) or llava (~0.31B, the suite's)")
     p.add_argument("--requests", type=int, default=None,
-                   help="N requests per timed batch (default 32; --interleave 16; --quick 4)")
+                   help="N requests per timed batch (default 32; --quick 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
     p.add_argument("--warmup", type=int, default=4, help="requests in the warm-up call")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -726,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.warmup = 1, 2
     if args.requests is None:
-        args.requests = 4 if args.quick else 16 if args.interleave else 32
+        args.requests = 4 if args.quick else 32
     families = [m.strip() for m in args.models.split(",") if m.strip()]
     for f in families:
         if f not in ("llava", "qwen"):
