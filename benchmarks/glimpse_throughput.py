@@ -250,6 +250,20 @@ def measure_held(llm, prompts, max_tokens: int) -> dict[str, Any]:
     return out
 
 
+def _timed_generate(llm, prompts, params) -> tuple[list, dict[str, float]]:
+    """One timed ``LLM.generate`` (prompts built before the clock): its outputs, and its wall
+    seconds, process CPU seconds and mean 1-minute load average. Every request must produce
+    ``params.max_tokens`` tokens (``ignore_eos``)."""
+    load0, cpu0 = os.getloadavg()[0], time.process_time()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    timing = dict(seconds=time.perf_counter() - start, process_cpu_s=time.process_time() - cpu0,
+                  loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
+    if any(len(o.outputs[0].token_ids) != params.max_tokens for o in outs):
+        raise SystemExit("a request produced fewer than max_tokens tokens")
+    return outs, timing
+
+
 def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int) -> dict[str, Any]:
     from vllm import SamplingParams
 
@@ -261,15 +275,10 @@ def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int
                                             "prompt_tokens", "image_tokens", "kept_prompt_tokens",
                                             "kept_image_tokens", "output_tokens")}
     for r in range(spec["repeats"]):
-        prompts = _prompts(tokenizer, n, 10_000 + r * n, side)  # images built before the clock
-        load0, cpu0 = os.getloadavg()[0], time.process_time()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        rec["times_s"].append(time.perf_counter() - start)
-        rec["process_cpu_s"].append(time.process_time() - cpu0)
-        rec["loadavg_1min"].append((load0 + os.getloadavg()[0]) / 2)
-        if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
-            raise SystemExit("a request produced fewer than max_tokens tokens")
+        outs, timing = _timed_generate(llm, _prompts(tokenizer, n, 10_000 + r * n, side), params)
+        rec["times_s"].append(timing["seconds"])
+        rec["process_cpu_s"].append(timing["process_cpu_s"])
+        rec["loadavg_1min"].append(timing["loadavg_1min"])
         prompt_tok = [len(o.prompt_token_ids) for o in outs]
         image_tok = [sum(1 for t in o.prompt_token_ids if t == image_token_id) for o in outs]
         stats = [(o.kv_transfer_params or {}).get(STATS_KEY) for o in outs]
@@ -349,16 +358,8 @@ def measure_kv_bound_throughput(llm, tokenizer, spec: dict[str, Any]) -> dict[st
 
     n, tokens = spec["kv_bound_requests"], spec["kv_bound_max_tokens"]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    prompts = _prompts(tokenizer, n, 900_000, spec["image_side"])  # built before the clock
-    load0, cpu0 = os.getloadavg()[0], time.process_time()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    if any(len(o.outputs[0].token_ids) != tokens for o in outs):
-        raise SystemExit("kv-bound throughput: a request produced fewer than max_tokens tokens")
-    return dict(requests=n, max_tokens=tokens, seconds=seconds, req_s=n / seconds,
-                process_cpu_s=time.process_time() - cpu0,
-                loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
+    _, timing = _timed_generate(llm, _prompts(tokenizer, n, 900_000, spec["image_side"]), params)
+    return dict(requests=n, max_tokens=tokens, req_s=n / timing["seconds"], **timing)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:

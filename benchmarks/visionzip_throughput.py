@@ -509,18 +509,17 @@ def interleave(args, model: str, log) -> dict[str, Any]:
 def _round_ratios(rnd: dict[str, Any], vz: str, limit: str) -> tuple[float, float]:
     """(VisionZip x vanilla on the round's shared image set, VisionZip x limit over both of the
     round's sets: the limit's two batch times over VisionZip's two)."""
-    first, second = rnd["batches"], rnd.get("mirrored_batches", {})
+    first, second = rnd["batches"], rnd["mirrored_batches"]
     x_vanilla = first["vanilla"]["times_s"] / first[vz]["times_s"]
-    both = [b for b in (first, second) if b]
-    x_limit = sum(b[limit]["times_s"] for b in both) / sum(b[vz]["times_s"] for b in both)
+    x_limit = ((first[limit]["times_s"] + second[limit]["times_s"])
+               / (first[vz]["times_s"] + second[vz]["times_s"]))
     return x_vanilla, x_limit
 
 
 def interleave_summary(rounds: list[dict[str, Any]], vz: str, limit: str, n: int) -> dict:
     times = {k: [r["batches"][k]["times_s"] for r in rounds] for k in rounds[0]["batches"]}
     for k in (vz, limit):  # the mirrored batches are batches of N requests as well
-        times[k] += [r["mirrored_batches"][k]["times_s"] for r in rounds
-                     if r.get("mirrored_batches")]
+        times[k] += [r["mirrored_batches"][k]["times_s"] for r in rounds]
     x_vanilla, x_limit = (list(x) for x in zip(*(_round_ratios(r, vz, limit) for r in rounds)))
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(
@@ -714,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llava", help="comma list of llava, qwen")
     p.add_argument("--llava-model", default="llava_large", choices=("llava_large", "llava"),
-                   help="bench checkpoint of the LLaVA-1.5 rows: llava_large (~0.69B LLM, "
+                   help="bench checkpoint of the LLaVA-1.5 rows: llava_large (~1.37B LLM, "
                         "default, the goal measurement) or llava (~0.31B, the suite's)")
     p.add_argument("--requests", type=int, default=None,
                    help="N requests per timed batch (default 32; --quick 4)")
@@ -733,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="print a failed worker's stderr")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="LLaVA-1.5 goal measurement: vanilla, visionzip-64 and limit-64 as three "
-                        "live engines, ROUNDS rounds of one batch each, paired ratios (with "
-                        "--requests 16 by default)")
+                        "live engines, ROUNDS rounds, paired ratios")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--serve-worker", default=None, help=argparse.SUPPRESS)
