@@ -15,8 +15,9 @@ Two modes:
   as three engines alive at once (three subprocesses, ~17 GB, started afresh every round) and
   ROUNDS rounds of batches of N (default 32) requests: V L L V, vanilla, V L L V (V VisionZip,
   L the limit; odd rounds L V V L, vanilla, L V V L). Every VisionZip and vanilla batch has images of its own; each
-  limit batch replays the embeddings the VisionZip batch before it fed its LLM. The goals are
-  checked on each engine's throughput over all its batches. Why: the machine this was
+  limit batch replays the embeddings the VisionZip batch before it fed its LLM. A goal passes
+  when the one-sided 95% lower bound of the per-round ratios' mean meets it; the pooled ratio
+  (each engine's throughput over all its batches) is the point estimate. Why: the machine this was
   written on is a shared VM whose speed swings by up to 3x within seconds to minutes (a fixed
   bf16 matmul loop on one thread: 0.25 to 0.88 s per slice in one 30 s run), which no
   sequential schedule of separate engines can tell apart from a 10% difference; the balanced
@@ -516,6 +517,13 @@ def interleave(args, model: str, log) -> dict[str, Any]:
             for kind in list(procs):
                 stop(kind)
             rounds.append(dict(batches=batches, engines=dict(facts)))
+            if args.json:  # a run stopped early keeps its finished rounds (--render reads it)
+                Path(args.json).write_text(json.dumps(dict(
+                    partial=f"{r + 1} of {args.interleave} rounds",
+                    settings=dict(requests=args.requests, max_tokens=args.max_tokens),
+                    interleaved=dict(configs=[asdict(cfg) for cfg in cfgs.values()],
+                                     round_order=[round_order(0), round_order(1)],
+                                     rounds=rounds)), indent=2))
             x_van, x_lim = _round_ratios(rounds[-1])
             log(f"  round {r + 1}/{args.interleave}: " + " ".join(
                 f"{b['kind'][:3]} {b['times_s']:.1f}" for b in batches)
@@ -614,14 +622,22 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
     print(f"limit batches: {s['limit_tokens_equal']} of {s['limit_requests']} requests gave "
           f"VisionZip's greedy tokens (the limit's LLM did VisionZip's LLM work)")
     lv, ll = s["x_vanilla_lower95"], s["x_limit_lower95"]
+
+    def verdict(pooled: float, bound: float | None, goal: float) -> str:
+        # shown only when the rounds' spread cannot put the ratio under the goal either
+        if bound is not None and bound >= goal:
+            return "PASS"
+        return "NOT SETTLED (the pooled ratio meets it, its 95% bound does not)" \
+            if pooled >= goal else "FAIL"
+
     checks = [
         f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {s['x_vanilla']:.2f}x over all batches "
         f"(per round {min(xv):.2f}–{max(xv):.2f}, median {statistics.median(xv):.2f}, 95% "
-        f"lower bound {_fmt(lv, '.2f')}) -> {'PASS' if s['x_vanilla'] >= 5.0 else 'FAIL'}",
+        f"lower bound {_fmt(lv, '.2f')}) -> {verdict(s['x_vanilla'], lv, 5.0)}",
         f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {s['x_limit']:.3f} of the "
         f"limit's req/s over all batches (per round {min(xl):.3f}–{max(xl):.3f}, median "
         f"{statistics.median(xl):.3f}, 95% lower bound {_fmt(ll, '.3f')}) -> "
-        f"{'PASS' if s['x_limit'] >= 0.9 else 'FAIL'}"]
+        f"{verdict(s['x_limit'], ll, 0.9)}"]
     print()
     for line in checks:
         print(line)
