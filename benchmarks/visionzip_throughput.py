@@ -409,8 +409,8 @@ def round_order(r: int) -> list[str]:
 
 
 def interleave(args, model: str, log) -> dict[str, Any]:
-    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three live engines, ``args.interleave``
-    rounds of :func:`round_order`. Every VisionZip batch runs a fresh image set and saves the
+    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three engines alive at once, started
+    afresh for each of ``args.interleave`` rounds of :func:`round_order`. Every VisionZip batch runs a fresh image set and saves the
     embeddings it fed its LLM; each limit batch replays the latest of those with the same
     prompts, so the limit's LLM does exactly that VisionZip batch's LLM work, which the
     greedy tokens check (they must be equal, request by request). Random embeddings would not
