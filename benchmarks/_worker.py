@@ -52,3 +52,17 @@ def run_worker(script: str, spec: dict[str, Any], env: dict[str, str],
     reason = next((ln for ln in reversed(lines) if "PruningSettingsError" in ln),
                   errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}"))
     return None, reason.strip(), wall, proc.stderr
+
+
+def timed_generate(llm, prompts, params) -> tuple[list, dict[str, float]]:
+    """One timed ``LLM.generate`` (prompts built before the clock): its outputs, and its wall
+    seconds, process CPU seconds and mean 1-minute load average. Every request must produce
+    ``params.max_tokens`` tokens (``ignore_eos``)."""
+    load0, cpu0 = os.getloadavg()[0], time.process_time()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    timing = dict(seconds=time.perf_counter() - start, process_cpu_s=time.process_time() - cpu0,
+                  loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
+    if any(len(o.outputs[0].token_ids) != params.max_tokens for o in outs):
+        raise SystemExit("a request produced fewer than max_tokens tokens")
+    return outs, timing

@@ -92,7 +92,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _worker import run_worker, worker_env
+from _worker import run_worker, timed_generate, worker_env
 
 
 KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE of the throughput engine
@@ -250,20 +250,6 @@ def measure_held(llm, prompts, max_tokens: int) -> dict[str, Any]:
     return out
 
 
-def _timed_generate(llm, prompts, params) -> tuple[list, dict[str, float]]:
-    """One timed ``LLM.generate`` (prompts built before the clock): its outputs, and its wall
-    seconds, process CPU seconds and mean 1-minute load average. Every request must produce
-    ``params.max_tokens`` tokens (``ignore_eos``)."""
-    load0, cpu0 = os.getloadavg()[0], time.process_time()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    timing = dict(seconds=time.perf_counter() - start, process_cpu_s=time.process_time() - cpu0,
-                  loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
-    if any(len(o.outputs[0].token_ids) != params.max_tokens for o in outs):
-        raise SystemExit("a request produced fewer than max_tokens tokens")
-    return outs, timing
-
-
 def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int) -> dict[str, Any]:
     from vllm import SamplingParams
 
@@ -275,7 +261,7 @@ def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int
                                             "prompt_tokens", "image_tokens", "kept_prompt_tokens",
                                             "kept_image_tokens", "output_tokens")}
     for r in range(spec["repeats"]):
-        outs, timing = _timed_generate(llm, _prompts(tokenizer, n, 10_000 + r * n, side), params)
+        outs, timing = timed_generate(llm, _prompts(tokenizer, n, 10_000 + r * n, side), params)
         rec["times_s"].append(timing["seconds"])
         rec["process_cpu_s"].append(timing["process_cpu_s"])
         rec["loadavg_1min"].append(timing["loadavg_1min"])
@@ -358,7 +344,7 @@ def measure_kv_bound_throughput(llm, tokenizer, spec: dict[str, Any]) -> dict[st
 
     n, tokens = spec["kv_bound_requests"], spec["kv_bound_max_tokens"]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    _, timing = _timed_generate(llm, _prompts(tokenizer, n, 900_000, spec["image_side"]), params)
+    _, timing = timed_generate(llm, _prompts(tokenizer, n, 900_000, spec["image_side"]), params)
     return dict(requests=n, max_tokens=tokens, req_s=n / timing["seconds"], **timing)
 
 

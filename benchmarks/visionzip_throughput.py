@@ -14,11 +14,11 @@ Two modes:
 * ``--interleave ROUNDS`` (the LLaVA-1.5 goal measurement): vanilla, VisionZip-64 and limit-64
   as three engines alive at once (three subprocesses, ~17 GB, started afresh every round) and
   ROUNDS rounds of batches of N (default 32) requests: V L L V, vanilla, V L L V (V VisionZip,
-  L the limit; odd rounds L V V L, vanilla, L V V L). Every VisionZip and vanilla batch has images of its own; each
-  limit batch replays the embeddings the VisionZip batch before it fed its LLM. A goal passes
-  when the one-sided 95% lower bound of the per-round ratios' mean meets it; the pooled ratio
-  (each engine's throughput over all its batches) is the point estimate. Why: the machine this was
-  written on is a shared VM whose speed swings by up to 3x within seconds to minutes (a fixed
+  L the limit; odd rounds L V V L, vanilla, L V V L). Every VisionZip and vanilla batch has
+  images of its own; each limit batch replays the embeddings the VisionZip batch before it fed
+  its LLM. A goal passes when the one-sided 95% lower bound of the per-round ratios' mean meets
+  it; the pooled ratio (each engine's throughput over all its batches) is the point estimate.
+  Why: the machine this was written on is a shared VM whose speed swings by up to 3x within seconds to minutes (a fixed
   bf16 matmul loop on one thread: 0.25 to 0.88 s per slice in one 30 s run), which no
   sequential schedule of separate engines can tell apart from a 10% difference; the balanced
   order cancels a steady drift within a round, and many short batches average the swings.
@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _worker import run_worker, worker_env
+from _worker import run_worker, timed_generate, worker_env
 
 
 # Engine settings shared by every configuration (vanilla, VisionZip, limit).
@@ -257,12 +257,9 @@ def _timed_batch(llm, spec: dict[str, Any], reqs: list[dict[str, Any]],
     n = len(reqs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     llm.collective_rpc(_read_timers)  # reset
-    load0, cpu0 = os.getloadavg()[0], time.process_time()
-    start = time.perf_counter()
-    outs = llm.generate(reqs, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    rec = dict(times_s=seconds, process_cpu_s=time.process_time() - cpu0,
-               loadavg_1min=(load0 + os.getloadavg()[0]) / 2)
+    outs, timing = timed_generate(llm, reqs, params)
+    rec = dict(times_s=timing["seconds"], process_cpu_s=timing["process_cpu_s"],
+               loadavg_1min=timing["loadavg_1min"])
     timers = llm.collective_rpc(_read_timers)[0]
     rec["encoder_s"] = timers["encoder_s"]
     # steps with at most one token per request are decode steps
@@ -271,8 +268,6 @@ def _timed_batch(llm, spec: dict[str, Any], reqs: list[dict[str, Any]],
     rec["steps"] = timers["steps"]
     rec["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
     rec["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
-    if any(len(o.outputs[0].token_ids) != spec["max_tokens"] for o in outs):
-        raise SystemExit("a request produced fewer than max_tokens tokens")
     if token_ids:
         rec["token_ids"] = [list(o.outputs[0].token_ids) for o in outs]
     return rec
@@ -322,7 +317,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Interleaved rounds (--interleave): persistent engines, short alternating batches
+# Interleaved rounds (--interleave): live engines, fresh each round, alternating batches
 # --------------------------------------------------------------------------------------------
 
 REPLY = "@@visionzip-bench "  # marks our lines on a persistent worker's stdout (vLLM logs there)
@@ -410,8 +405,8 @@ def round_order(r: int) -> list[str]:
 
 def interleave(args, model: str, log) -> dict[str, Any]:
     """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three engines alive at once, started
-    afresh for each of ``args.interleave`` rounds of :func:`round_order`. Every VisionZip batch runs a fresh image set and saves the
-    embeddings it fed its LLM; each limit batch replays the latest of those with the same
+    afresh for each of ``args.interleave`` rounds of :func:`round_order`. Every VisionZip batch
+    runs a fresh image set and saves the embeddings it fed its LLM; each limit batch replays the latest of those with the same
     prompts, so the limit's LLM does exactly that VisionZip batch's LLM work, which the
     greedy tokens check (they must be equal, request by request). Random embeddings would not
     do: they ran the same 1,448-token prefill ~1.45x slower on this CPU (the speed depends on
@@ -471,6 +466,10 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         except Exception:
             proc.kill()
 
+    def result() -> dict[str, Any]:
+        return dict(configs=[asdict(cfg) for cfg in cfgs.values()],
+                    round_order=[round_order(0), round_order(1)], rounds=rounds)
+
     embeds_file = Path(tmp.name, "visionzip_embeds.pt")
     image_set = 0  # every VisionZip and vanilla batch gets images no engine has seen
     last_vz: dict[str, Any] = {}  # the VisionZip batch the limit replays: set, tokens
@@ -521,9 +520,7 @@ def interleave(args, model: str, log) -> dict[str, Any]:
                 Path(args.json).write_text(json.dumps(dict(
                     partial=f"{r + 1} of {args.interleave} rounds",
                     settings=dict(requests=args.requests, max_tokens=args.max_tokens),
-                    interleaved=dict(configs=[asdict(cfg) for cfg in cfgs.values()],
-                                     round_order=[round_order(0), round_order(1)],
-                                     rounds=rounds)), indent=2))
+                    interleaved=result()), indent=2))
             x_van, x_lim = _round_ratios(rounds[-1])
             log(f"  round {r + 1}/{args.interleave}: " + " ".join(
                 f"{b['kind'][:3]} {b['times_s']:.1f}" for b in batches)
@@ -532,9 +529,7 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         for kind in list(procs):
             stop(kind)
         tmp.cleanup()
-    return dict(configs=[asdict(cfg) for cfg in cfgs.values()], engines=facts,
-                round_order=[round_order(0), round_order(1)], rounds=rounds,
-                summary=interleave_summary(rounds, args.requests))
+    return dict(result(), engines=facts, summary=interleave_summary(rounds, args.requests))
 
 
 # One-sided 95% quantiles of Student's t by degrees of freedom (standard tables); beyond 10
@@ -610,7 +605,8 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
             f"{'vision':>7} {'prefill':>8} {'decode':>7}  ms/req")
     print(head)
     print("-" * len(head))
-    for kind, cfg in zip(("vanilla", "visionzip", "limit"), res["configs"]):
+    for cfg in res["configs"]:
+        kind = cfg["kind"]
         (lo, hi), rps = s["req_s_range"][kind], s["req_s"][kind]
         print(f"{cfg['name']:<26} {s['batches'][kind]:>7} {s['prompt_tok_per_req'][kind]:>14.1f} "
               f"{f'{rps:.3f} ({lo:.3f}–{hi:.3f})':>24} "
