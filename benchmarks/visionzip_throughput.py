@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/visionzip_throughput.py [--models llava,qwen] [--requests N]
         [--repeats R] [--max-tokens T] [--dtype bfloat16|float32] [--threads T] [--quick]
         [--only vanilla,visionzip-64,limit,...] [--llava-model llava_large|llava]
-        [--interleave ROUNDS] [--json PATH]
+        [--interleave ROUNDS [--limit-engine same|separate]] [--render JSON] [--json PATH]
 
 Two modes:
 
@@ -11,18 +11,21 @@ Two modes:
   subprocess, one after the other; R timed batches of N requests each (defaults N 32, R 3,
   8 tokens). The LLaVA-1.5 part takes ~15 minutes on a 2-core x86 machine (Sapphire Rapids),
   the Qwen2.5-VL part about as long.
-* ``--interleave ROUNDS`` (the LLaVA-1.5 goal measurement): vanilla, VisionZip-64 and limit-64
-  as three engines alive at once (three subprocesses, ~17 GB, started afresh every round) and
-  ROUNDS rounds of batches of N (default 32) requests: V L L V, vanilla, V L L V (V VisionZip,
-  L the limit; odd rounds L V V L, vanilla, L V V L). Every VisionZip and vanilla batch has
-  images of its own; each limit batch replays the embeddings the VisionZip batch before it fed
-  its LLM. A goal passes when the one-sided 95% lower bound of the per-round ratios' mean meets
-  it; the pooled ratio (each engine's throughput over all its batches) is the point estimate.
-  Why: the machine this was written on is a shared VM whose speed swings by up to 3x within seconds to minutes (a fixed
-  bf16 matmul loop on one thread: 0.25 to 0.88 s per slice in one 30 s run), which no
-  sequential schedule of separate engines can tell apart from a 10% difference; the balanced
-  order cancels a steady drift within a round, and many short batches average the swings.
-  6 rounds take ~45 minutes.
+* ``--interleave ROUNDS`` (the LLaVA-1.5 goal measurement): vanilla and VisionZip-64 as two
+  engines alive at once (subprocesses started afresh every round), the limit-64's batches run
+  by the VisionZip engine (``--limit-engine same``, the default) or by a third engine without
+  the plugin (``separate``), and ROUNDS rounds of batches of N (default 32) requests: V L L V,
+  vanilla, V L L V (V VisionZip, L the limit; odd rounds L V V L, vanilla, L V V L). Every
+  VisionZip and vanilla batch has images of its own; each limit batch replays the embeddings
+  the VisionZip batch before it fed its LLM. A goal passes when the one-sided 95% lower bound
+  of the per-round ratios' mean meets it; the pooled ratio (each engine's throughput over all
+  its batches) is the point estimate. Why: the machine this was written on is a shared VM
+  whose speed swings by up to 3x within seconds to minutes (a fixed bf16 matmul loop on one
+  thread: 0.25 to 0.88 s per slice in one 30 s run), which no sequential schedule of separate
+  engines can tell apart from a 10% difference; the balanced order cancels a steady drift
+  within a round, and many short batches average the swings. And one engine process can run
+  the same work ~20% slower than another for its whole life (see ``interleave``), hence the
+  limit in VisionZip's own process. A round takes ~7-15 minutes.
 
 Models: bench-size random-weight checkpoints from :mod:`vllm_glimpse.testing.bench_models`
 (real image-token geometry, a shallow narrow vision tower, a large random LLM), generated on
@@ -223,6 +226,9 @@ def _start_engine(spec: dict[str, Any], cfg: Config):
         import vllm_glimpse
 
         kwargs.update(vllm_glimpse.engine_kwargs("visionzip", **cfg.knobs))
+        # --limit-engine same: this engine also runs the limit's batches (image_embeds, which
+        # vLLM's own LLaVA code feeds to the LLM as given; tests/test_visionzip_llava.py)
+        kwargs["enable_mm_embeds"] = bool(spec.get("serves_limit"))
     elif cfg.kind == "limit":
         kwargs["enable_mm_embeds"] = True
     llm = LLM(model=spec["model"], **kwargs)
@@ -355,9 +361,12 @@ def serve_worker(spec: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     llm, model_cls = _start_engine(spec, cfg)
     start_s = time.perf_counter() - t0
-    warm_embeds = cfg.limit_tokens[0] if cfg.kind == "limit" else None  # random embeddings
-    _timed_batch(llm, spec, _batch_requests(llm, spec, cfg, spec["warmup"], 1_000_000,
-                                            warm_embeds))
+    warm = [cfg.limit_tokens[0]] if cfg.kind == "limit" else [None]  # None: images
+    if spec.get("serves_limit"):
+        warm.append(spec["serves_limit"])  # and random embeddings of the limit's count
+    for embed_tokens in warm:
+        _timed_batch(llm, spec, _batch_requests(llm, spec, cfg, spec["warmup"], 1_000_000,
+                                                embed_tokens))
     _reply(dict(ready=True, model_class=model_cls, engine_start_s=start_s))
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -404,13 +413,19 @@ def round_order(r: int) -> list[str]:
 
 
 def interleave(args, model: str, log) -> dict[str, Any]:
-    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) as three engines alive at once, started
-    afresh for each of ``args.interleave`` rounds of :func:`round_order`. Every VisionZip batch
-    runs a fresh image set and saves the embeddings it fed its LLM; each limit batch replays the latest of those with the same
-    prompts, so the limit's LLM does exactly that VisionZip batch's LLM work, which the
-    greedy tokens check (they must be equal, request by request). Random embeddings would not
-    do: they ran the same 1,448-token prefill ~1.45x slower on this CPU (the speed depends on
-    the values)."""
+    """Vanilla, VisionZip-64 and limit-64 (LLaVA-1.5) batches from engines alive at once,
+    started afresh for each of ``args.interleave`` rounds of :func:`round_order`. Every
+    VisionZip batch runs a fresh image set and saves the embeddings it fed its LLM; each limit
+    batch replays the latest of those with the same prompts, so the limit's LLM does exactly
+    that VisionZip batch's LLM work, which the greedy tokens check (they must be equal, request
+    by request). Random embeddings would not do: they ran the same 1,448-token prefill ~1.45x
+    slower on this CPU (the speed depends on the values).
+
+    ``args.limit_engine``: "same" runs the limit's batches in the VisionZip engine process,
+    which then serves ``image_embeds`` too (``enable_mm_embeds``; the plugin's LLaVA leaves
+    embeddings to vLLM's own code, which feeds them to the LLM as given). One process's speed
+    then divides out of VisionZip / limit; "separate" gives the limit a third engine, without
+    the plugin."""
     import subprocess
     import tempfile
 
@@ -435,10 +450,16 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         err = Path(tmp.name, f"{name}.err").read_text()[-4000:]
         raise SystemExit(f"{name}: the engine process ended (exit {proc.wait()}):\n{err}")
 
+    same = args.limit_engine == "same"
+    # which engine process runs each kind's batches
+    engine_of = {"vanilla": "vanilla", "visionzip": "visionzip",
+                 "limit": "visionzip" if same else "limit"}
+
     def start(kind: str) -> None:
         cfg = cfgs[kind]
         spec = dict(config=asdict(cfg), model=model, requests=args.requests, warmup=args.warmup,
-                    max_tokens=args.max_tokens, dtype=args.dtype)
+                    max_tokens=args.max_tokens, dtype=args.dtype,
+                    serves_limit=d + c if same and kind == "visionzip" else None)
         image_tokens = LLAVA_IMAGE_TOKENS if kind == "vanilla" else d + c
         gib = _kv_cache_gib(model, image_tokens + text_tokens + args.max_tokens, args.requests)
         env = worker_env(args.threads, gib, ENGINE_ENV, plugin=kind == "visionzip")
@@ -467,7 +488,7 @@ def interleave(args, model: str, log) -> dict[str, Any]:
             proc.kill()
 
     def result() -> dict[str, Any]:
-        return dict(configs=[asdict(cfg) for cfg in cfgs.values()],
+        return dict(configs=[asdict(cfg) for cfg in cfgs.values()], limit_engine=args.limit_engine,
                     round_order=[round_order(0), round_order(1)], rounds=rounds)
 
     embeds_file = Path(tmp.name, "visionzip_embeds.pt")
@@ -482,13 +503,14 @@ def interleave(args, model: str, log) -> dict[str, Any]:
             # every round; the cause is not in vLLM or the plugin, whose engine was one of the
             # fast two; where the process's memory lands on this VM is the likely one), so
             # persistent engines would carry that into every round's ratio.
-            kinds = ["vanilla", "visionzip", "limit"]
-            for kind in kinds[r % 3:] + kinds[:r % 3]:
+            kinds = sorted(set(engine_of.values()), key=["vanilla", "visionzip", "limit"].index)
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 start(kind)
             batches = []
             for kind in round_order(r):
                 if kind == "limit":
-                    rec = send(kind, {"set": last_vz["set"], "embeds_file": str(embeds_file)})
+                    rec = send(engine_of[kind],
+                               {"set": last_vz["set"], "embeds_file": str(embeds_file)})
                     rec["set"] = last_vz["set"]
                     tokens = rec.pop("token_ids")
                     rec["tokens_equal_visionzip"] = sum(
@@ -601,6 +623,11 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
           f"(max_tokens {args.max_tokens}), orders {' '.join(res['round_order'][0])} and "
           f"{' '.join(res['round_order'][1])} alternating; fresh images in every VisionZip and "
           f"vanilla batch, each limit batch on the embeddings of the VisionZip batch before it")
+    if res.get("limit_engine", "separate") == "same":
+        print("limit batches ran in the VisionZip engine process (image_embeds through vLLM's "
+              "own LLaVA code); vanilla in an engine of its own without the plugin")
+    else:
+        print("limit batches ran in an engine of their own without the plugin")
     head = (f"{'config':<26} {'batches':>7} {'prompt tok/req':>14} {'req/s (batch min–max)':>24} "
             f"{'vision':>7} {'prefill':>8} {'decode':>7}  ms/req")
     print(head)
@@ -807,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="LLaVA-1.5 goal measurement: vanilla, visionzip-64 and limit-64 as three "
                         "live engines, ROUNDS rounds of V L L V, vanilla, V L L V batches")
+    p.add_argument("--limit-engine", default="same", choices=("same", "separate"),
+                   help="--interleave: run the limit's batches in the VisionZip engine process "
+                        "(same, default: one process's speed then cancels from the ratio) or in "
+                        "an engine of its own without the plugin (separate)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="print the goal table of an --interleave run's JSON again (its summary "
                         "recomputed from the stored batches) and exit")

@@ -76,3 +76,43 @@ def test_llava_next_greedy_tokens_match_hf_reference(tiny_models):
     model = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
     _assert_engine_matches_reference(path, model.eval(), AutoProcessor.from_pretrained(path),
                                      llava_next_generate, 54, 10)
+
+
+def test_precomputed_image_embeds_are_fed_as_given(tiny_models, hf_llava):
+    """LLaVA-1.5 takes ``image_embeds`` as the projector's output. A VisionZip engine cannot
+    prune them (no CLIP attention to score by) and feeds them to the LLM as given, with vLLM's
+    placeholder count (one per embedding row). Given VisionZip's own output for an image
+    (HF reference + projector), the request decodes what the pixel request decodes, in one
+    batch with it; the benchmark's limit run relies on this."""
+    from vllm import SamplingParams
+
+    from vllm_glimpse.testing.generate import make_llm, shutdown
+    from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt, image_embeds_input
+
+    model, processor = hf_llava
+    image = ImageSpec("checker", 640, 360, 2).build()
+    pixel_values = processor.image_processor([image], return_tensors="pt").pixel_values
+    features, _ = llava_visionzip_features(model.model.vision_tower, pixel_values, 54, 10,
+                                           model.config.vision_feature_layer)
+    with torch.no_grad():
+        embeds = model.model.multi_modal_projector(features)[0]  # [64, hidden]
+
+    llm = make_llm(tiny_models["llava"], method="visionzip",
+                   knobs={"dominant": 54, "contextual": 10}, enable_mm_embeds=True)
+    try:
+        prompt = chat_prompt(llm.get_tokenizer(), "What color is it?", 1)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outs = llm.generate(
+            [{"prompt": prompt, "multi_modal_data": {"image": image}},
+             {"prompt": prompt, "multi_modal_data": {"image": image_embeds_input("llava", embeds)}}],
+            params, use_tqdm=False)
+        # (vLLM's LLaVA cannot batch embeddings of different lengths: a call of its own)
+        [shorter] = llm.generate(
+            [{"prompt": prompt, "multi_modal_data": {
+                "image": image_embeds_input("llava", embeds[:20])}}], params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    pixel, given = outs
+    assert len(given.prompt_token_ids) == len(pixel.prompt_token_ids)  # 64 placeholders each
+    assert len(shorter.prompt_token_ids) == len(pixel.prompt_token_ids) - 44  # as given: 20
+    assert list(given.outputs[0].token_ids) == list(pixel.outputs[0].token_ids)
