@@ -19,11 +19,13 @@ Two modes:
   VisionZip and vanilla batch has images of its own; each limit batch replays the embeddings
   the VisionZip batch before it fed its LLM. A goal passes when the one-sided 95% lower bound
   of the per-round ratios' mean meets it; the pooled ratio (each engine's throughput over all
-  its batches) is the point estimate. Why: the machine this was written on is a shared VM
-  whose speed swings by up to 3x within seconds to minutes (a fixed bf16 matmul loop on one
-  thread: 0.25 to 0.88 s per slice in one 30 s run), which no sequential schedule of separate
-  engines can tell apart from a 10% difference; the balanced order cancels a steady drift
-  within a round, and many short batches average the swings. And one engine process can run
+  its batches) is the point estimate. The limit goal is judged on the ratio at equal machine
+  speed (each batch's wall time over its own LLM time; see ``_equal_speed_x_limit``), and the
+  measured throughput ratio must meet it too. Why: the machine this was written on is a
+  shared VM whose speed swings by up to 3x within seconds to minutes (a fixed bf16 matmul
+  loop on one thread: 0.25 to 0.88 s per slice in one 30 s run), which no sequential schedule
+  of separate engines can tell apart from a 10% difference; the balanced order cancels a
+  steady drift within a round, and many short batches average the swings. And one engine process can run
   the same work ~20% slower than another for its whole life (see ``interleave``), hence the
   limit in VisionZip's own process. A round takes ~7-15 minutes.
 
@@ -583,6 +585,26 @@ def _round_ratios(rnd: dict[str, Any]) -> tuple[float, float]:
     return x_vanilla, x_limit
 
 
+def _wall_per_llm_s(batches: list[dict[str, Any]], kind: str) -> list[float]:
+    """Each ``kind`` batch's wall time in units of its own LLM time (prefill + decode steps)."""
+    return [b["times_s"] / (b["llm_prefill_s"] + b["llm_decode_s"])
+            for b in batches if b["kind"] == kind]
+
+
+def _equal_speed_x_limit(batches: list[dict[str, Any]]) -> float:
+    """VisionZip x limit at equal machine speed. Every VisionZip and limit batch runs the same
+    LLM work (each limit batch replays a VisionZip batch's embeddings: same prompt tokens, the
+    same greedy tokens, checked), so a batch's LLM time gauges how fast the machine ran during
+    it; its wall time over its LLM time is what the batch costs in units of that LLM work,
+    whatever the speed. The ratio of those means is the throughput ratio at one speed. What
+    it assumes: that the LLM steps of both kinds cost the same at one speed (the same model
+    forward on the same inputs; the table's prefill and decode ms/req show both) and that
+    the speed held within a batch. Why: this machine ran a limit batch's LLM work in 0.65x to
+    2.6x the time the VisionZip batch it replays took for the same work (one process, 2026-11-22)."""
+    return (statistics.mean(_wall_per_llm_s(batches, "limit"))
+            / statistics.mean(_wall_per_llm_s(batches, "visionzip")))
+
+
 def interleave_summary(rounds: list[dict[str, Any]], n: int) -> dict:
     """Throughput of each engine over all its batches, the ratios of those (pooled: every
     round has the same balanced order, so the pooled ratio is as drift-free as a round's) and
@@ -605,6 +627,8 @@ def interleave_summary(rounds: list[dict[str, Any]], n: int) -> dict:
         vision_ms_per_req={k: 1000 * per_req(k, "encoder_s") for k in kinds},
         prefill_ms_per_req={k: 1000 * per_req(k, "llm_prefill_s") for k in kinds},
         decode_ms_per_req={k: 1000 * per_req(k, "llm_decode_s") for k in kinds},
+        outside_llm_ms_per_req={k: 1000 * (per_req(k, "times_s") - per_req(k, "llm_prefill_s")
+                                           - per_req(k, "llm_decode_s")) for k in kinds},
         limit_tokens_equal=sum(b["tokens_equal_visionzip"] for b in all_batches
                                if b["kind"] == "limit"),
         limit_requests=n * len(times["limit"]),
@@ -613,7 +637,11 @@ def interleave_summary(rounds: list[dict[str, Any]], n: int) -> dict:
         x_vanilla_per_round=[x for x, _ in per_round],
         x_limit_per_round=[x for _, x in per_round],
         x_vanilla_lower95=lower_bound_95([x for x, _ in per_round]),
-        x_limit_lower95=lower_bound_95([x for _, x in per_round]))
+        x_limit_lower95=lower_bound_95([x for _, x in per_round]),
+        x_limit_equal_speed=_equal_speed_x_limit(all_batches),
+        x_limit_equal_speed_per_round=[_equal_speed_x_limit(r["batches"]) for r in rounds],
+        x_limit_equal_speed_lower95=lower_bound_95(
+            [_equal_speed_x_limit(r["batches"]) for r in rounds]))
 
 
 def print_interleave(res: dict[str, Any], args) -> list[str]:
@@ -629,7 +657,7 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
     else:
         print("limit batches ran in an engine of their own without the plugin")
     head = (f"{'config':<26} {'batches':>7} {'prompt tok/req':>14} {'req/s (batch min–max)':>24} "
-            f"{'vision':>7} {'prefill':>8} {'decode':>7}  ms/req")
+            f"{'vision':>7} {'prefill':>8} {'decode':>7} {'non-LLM':>7}  ms/req")
     print(head)
     print("-" * len(head))
     for cfg in res["configs"]:
@@ -638,20 +666,30 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
         print(f"{cfg['name']:<26} {s['batches'][kind]:>7} {s['prompt_tok_per_req'][kind]:>14.1f} "
               f"{f'{rps:.3f} ({lo:.3f}–{hi:.3f})':>24} "
               f"{s['vision_ms_per_req'][kind]:>7.0f} {s['prefill_ms_per_req'][kind]:>8.0f} "
-              f"{s['decode_ms_per_req'][kind]:>7.0f}")
+              f"{s['decode_ms_per_req'][kind]:>7.0f} {s['outside_llm_ms_per_req'][kind]:>7.0f}")
     xv, xl = s["x_vanilla_per_round"], s["x_limit_per_round"]
     print(f"per round, {vz} x vanilla: {' '.join(f'{x:.2f}' for x in xv)}")
     print(f"per round, {vz} x limit:   {' '.join(f'{x:.3f}' for x in xl)}")
     print(f"limit batches: {s['limit_tokens_equal']} of {s['limit_requests']} requests gave "
           f"VisionZip's greedy tokens (the limit's LLM did VisionZip's LLM work)")
-    lv, ll = s["x_vanilla_lower95"], s["x_limit_lower95"]
+    xe = s["x_limit_equal_speed_per_round"]
+    print(f"per round, {vz} x limit at equal machine speed (each batch's wall time over its "
+          f"own LLM time): {' '.join(f'{x:.3f}' for x in xe)}")
+    lv, ll, le = s["x_vanilla_lower95"], s["x_limit_lower95"], s["x_limit_equal_speed_lower95"]
 
-    def verdict(pooled: float, bound: float | None, goal: float) -> str:
-        # shown only when the rounds' spread cannot put the ratio under the goal either
+    def verdict(estimate: float, bound: float | None, goal: float,
+                what: str = "the pooled ratio") -> str:
+        # PASS only when the rounds' spread cannot put the ratio under the goal either
+        if estimate < goal:
+            return "FAIL"
         if bound is not None and bound >= goal:
             return "PASS"
-        return "NOT SETTLED (the pooled ratio meets it, its 95% bound does not)" \
-            if pooled >= goal else "FAIL"
+        return f"NOT SETTLED ({what} meets it, its 95% bound does not)"
+
+    # The limit goal is judged at equal machine speed, and the measured throughput ratio must
+    # meet it too (its own bound is printed: on a machine whose speed swings it is wide)
+    limit_verdict = ("FAIL" if s["x_limit"] < 0.9 else
+                     verdict(s["x_limit_equal_speed"], le, 0.9, "the equal-speed ratio"))
 
     checks = [
         f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {s['x_vanilla']:.2f}x over all batches "
@@ -659,8 +697,9 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
         f"lower bound {_fmt(lv, '.2f')}) -> {verdict(s['x_vanilla'], lv, 5.0)}",
         f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {s['x_limit']:.3f} of the "
         f"limit's req/s over all batches (per round {min(xl):.3f}–{max(xl):.3f}, median "
-        f"{statistics.median(xl):.3f}, 95% lower bound {_fmt(ll, '.3f')}) -> "
-        f"{verdict(s['x_limit'], ll, 0.9)}"]
+        f"{statistics.median(xl):.3f}, 95% lower bound {_fmt(ll, '.3f')}); at equal machine "
+        f"speed {s['x_limit_equal_speed']:.3f} (per round {min(xe):.3f}–{max(xe):.3f}, 95% "
+        f"lower bound {_fmt(le, '.3f')}) -> {limit_verdict}"]
     print()
     for line in checks:
         print(line)
