@@ -25,9 +25,9 @@ Two modes:
   shared VM whose speed swings by up to 3x within seconds to minutes (a fixed bf16 matmul
   loop on one thread: 0.25 to 0.88 s per slice in one 30 s run), which no sequential schedule
   of separate engines can tell apart from a 10% difference; the balanced order cancels a
-  steady drift within a round, and many short batches average the swings. And one engine process can run
-  the same work ~20% slower than another for its whole life (see ``interleave``), hence the
-  limit in VisionZip's own process. A round takes ~7-15 minutes.
+  steady drift within a round, and many short batches average the swings. And one engine
+  process can run the same work ~20% slower than another for its whole life (see
+  ``interleave``), hence the limit in VisionZip's own process. A round takes ~7-15 minutes.
 
 Models: bench-size random-weight checkpoints from :mod:`vllm_glimpse.testing.bench_models`
 (real image-token geometry, a shallow narrow vision tower, a large random LLM), generated on
@@ -453,9 +453,8 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         raise SystemExit(f"{name}: the engine process ended (exit {proc.wait()}):\n{err}")
 
     same = args.limit_engine == "same"
-    # which engine process runs each kind's batches
-    engine_of = {"vanilla": "vanilla", "visionzip": "visionzip",
-                 "limit": "visionzip" if same else "limit"}
+    engines = ["vanilla", "visionzip"] if same else ["vanilla", "visionzip", "limit"]
+    limit_engine = "visionzip" if same else "limit"  # the process that runs the limit's batches
 
     def start(kind: str) -> None:
         cfg = cfgs[kind]
@@ -505,13 +504,12 @@ def interleave(args, model: str, log) -> dict[str, Any]:
             # every round; the cause is not in vLLM or the plugin, whose engine was one of the
             # fast two; where the process's memory lands on this VM is the likely one), so
             # persistent engines would carry that into every round's ratio.
-            kinds = sorted(set(engine_of.values()), key=["vanilla", "visionzip", "limit"].index)
-            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            for kind in engines[r % len(engines):] + engines[:r % len(engines)]:
                 start(kind)
             batches = []
             for kind in round_order(r):
                 if kind == "limit":
-                    rec = send(engine_of[kind],
+                    rec = send(limit_engine,
                                {"set": last_vz["set"], "embeds_file": str(embeds_file)})
                     rec["set"] = last_vz["set"]
                     tokens = rec.pop("token_ids")
@@ -600,7 +598,7 @@ def _equal_speed_x_limit(batches: list[dict[str, Any]]) -> float:
     it assumes: that the LLM steps of both kinds cost the same at one speed (the same model
     forward on the same inputs; the table's prefill and decode ms/req show both) and that
     the speed held within a batch. Why: this machine ran a limit batch's LLM work in 0.65x to
-    2.6x the time the VisionZip batch it replays took for the same work (one process, 2026-11-22)."""
+    2.6x the time the VisionZip batch it replays took for it (one process, 2026-11-22)."""
     return (statistics.mean(_wall_per_llm_s(batches, "limit"))
             / statistics.mean(_wall_per_llm_s(batches, "visionzip")))
 
@@ -614,6 +612,7 @@ def interleave_summary(rounds: list[dict[str, Any]], n: int) -> dict:
     times = {k: _times(all_batches, k) for k in kinds}
     req_s = {k: n * len(t) / sum(t) for k, t in times.items()}
     per_round = [_round_ratios(r) for r in rounds]
+    equal_speed = [_equal_speed_x_limit(r["batches"]) for r in rounds]
 
     def per_req(kind: str, key: str) -> float:
         bs = [b for b in all_batches if b["kind"] == kind]
@@ -639,9 +638,8 @@ def interleave_summary(rounds: list[dict[str, Any]], n: int) -> dict:
         x_vanilla_lower95=lower_bound_95([x for x, _ in per_round]),
         x_limit_lower95=lower_bound_95([x for _, x in per_round]),
         x_limit_equal_speed=_equal_speed_x_limit(all_batches),
-        x_limit_equal_speed_per_round=[_equal_speed_x_limit(r["batches"]) for r in rounds],
-        x_limit_equal_speed_lower95=lower_bound_95(
-            [_equal_speed_x_limit(r["batches"]) for r in rounds]))
+        x_limit_equal_speed_per_round=equal_speed,
+        x_limit_equal_speed_lower95=lower_bound_95(equal_speed))
 
 
 def print_interleave(res: dict[str, Any], args) -> list[str]:
@@ -871,8 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
     p.add_argument("--verbose", action="store_true", help="print a failed worker's stderr")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                   help="LLaVA-1.5 goal measurement: vanilla, visionzip-64 and limit-64 as three "
-                        "live engines, ROUNDS rounds of V L L V, vanilla, V L L V batches")
+                   help="LLaVA-1.5 goal measurement: vanilla, visionzip-64 and limit-64 batches "
+                        "from live engines, ROUNDS rounds of V L L V, vanilla, V L L V batches")
     p.add_argument("--limit-engine", default="same", choices=("same", "separate"),
                    help="--interleave: run the limit's batches in the VisionZip engine process "
                         "(same, default: one process's speed then cancels from the ratio) or in "

@@ -104,7 +104,8 @@ def test_precomputed_image_embeds_are_fed_as_given(tiny_models, hf_llava):
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         outs = llm.generate(
             [{"prompt": prompt, "multi_modal_data": {"image": image}},
-             {"prompt": prompt, "multi_modal_data": {"image": image_embeds_input("llava", embeds)}}],
+             {"prompt": prompt,
+              "multi_modal_data": {"image": image_embeds_input("llava", embeds)}}],
             params, use_tqdm=False)
         # (vLLM's LLaVA cannot batch embeddings of different lengths: a call of its own)
         [shorter] = llm.generate(
