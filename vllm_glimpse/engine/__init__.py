@@ -8,9 +8,11 @@ One file per job:
   keep decision at layer K, the survivors through layers K+1.. (where the keep decision is made).
 * :mod:`.kv` — moving the survivors' K/V of layers 0..K into compacted cache slots.
 * :mod:`.runner` — the worker side: builds the plan, rebuilds attention metadata mid-forward,
-  shrinks the request's state after the step (prompt, block table, positions).
+  shrinks the request's state after the step (prompt, block table, positions); platform-neutral,
+  mixed into vLLM's V1 runner by :mod:`.gpu_runner` and :mod:`.cpu_runner`.
 * :mod:`.scheduler` — the scheduler side: learns each pruned request's new length, frees the tail
   KV blocks, recomputes a preempted pruned request from its original prompt.
-* :mod:`.worker` — the CPU / GPU workers that build our runner.
+* :mod:`.gpu_worker`, :mod:`.cpu_worker` — the workers that build our runner. Modules with
+  ``cpu`` in their name import vLLM's CPU worker code and are loaded only on the CPU platform.
 * :mod:`.engine_config` — the engine settings GlimpsePrune needs, applied when it is on.
 """

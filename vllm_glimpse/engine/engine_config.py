@@ -30,8 +30,8 @@ logger = logging.getLogger(LOGGER_NAME)
 
 SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
 STATS_SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.pruning_stats_scheduler"
-CPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseCPUWorker"
-GPU_WORKER_CLS = "vllm_glimpse.engine.worker.GlimpseGPUWorker"
+CPU_WORKER_CLS = "vllm_glimpse.engine.cpu_worker.GlimpseCPUWorker"
+GPU_WORKER_CLS = "vllm_glimpse.engine.gpu_worker.GlimpseGPUWorker"
 
 
 def _set(obj, name: str, value, why: str) -> None:

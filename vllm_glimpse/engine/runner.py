@@ -1,6 +1,11 @@
 """The worker side of GlimpsePrune: plan a step, rebuild attention metadata mid-forward, and
-shrink each pruned request's state after the step (vLLM 0.32 V1 ``GPUModelRunner``; the CPU
-runner subclasses it).
+shrink each pruned request's state after the step.
+
+:class:`GlimpseRunnerMixin` is mixed into vLLM 0.32's V1 model runner: ``GPUModelRunner`` in
+:mod:`.gpu_runner`, ``CPUModelRunner`` (a subclass of it) in :mod:`.cpu_runner`. This module
+imports neither, so that a GPU process never loads vLLM's CPU worker modules (importing
+``vllm.v1.worker.cpu_worker`` replaces ``torch.cuda.Event``, ``torch.cuda.Stream`` and the
+accelerator memory queries with CPU stand-ins for the whole process).
 
 After a request is pruned from P prompt tokens (glimpse token included) to P' survivors:
 
@@ -26,8 +31,6 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
 from vllm_glimpse.models.common import keep_overrides_of
@@ -249,11 +252,3 @@ class GlimpseRunnerMixin:
             for table in batch.block_table.block_tables:
                 table.num_blocks_per_row[index] = num_blocks
         return kept_ids
-
-
-class GlimpseCPUModelRunner(GlimpseRunnerMixin, CPUModelRunner):
-    pass
-
-
-class GlimpseGPUModelRunner(GlimpseRunnerMixin, GPUModelRunner):
-    pass
