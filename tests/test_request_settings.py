@@ -145,6 +145,10 @@ def _visionzip_counts(config, processor, images, budget):
     ({"glimpse_layer": 1}, "glimpse_layer is an engine setting (--glimpse-layer); a request may set "
                            "glimpse_threshold, glimpse_max_ratio, glimpse_min_keep, glimpse_fixed_ratio"),
     ({"glimpse_checkpoint": "/elsewhere"}, "glimpse_checkpoint is an engine setting"),
+    # an unknown key: the error lists exactly the keys a request may set
+    ({"glimpse_ratio": 0.2}, "mm_processor_kwargs: unknown setting 'glimpse_ratio' (a request may "
+                             "set glimpse_threshold, glimpse_max_ratio, glimpse_min_keep, "
+                             "glimpse_fixed_ratio)"),
     ({"visionzip_dominant": 54}, "'visionzip_dominant' does not apply: this engine runs pruning method 'glimpse'"),
 ])
 def test_bad_glimpse_request_settings_are_refused(tiny_models, tmp_path, overrides, message):

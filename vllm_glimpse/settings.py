@@ -422,12 +422,20 @@ def _glimpse_request_config(engine: PruningConfig, ours: Mapping[str, Any]) -> P
     threshold-mode knob replaces an engine-wide fixed ratio and vice versa
     (``glimpse.checkpoint.request_keep_rule``)."""
     knobs = {k[len("glimpse_"):]: v for k, v in ours.items()}
+    may_set = ", ".join(f"glimpse_{k}" for k in GLIMPSE_REQUEST_KNOBS)
     engine_wide = sorted(k for k in knobs if k in ("checkpoint", "layer"))
     if engine_wide:
         raise PruningSettingsError(
             f"mm_processor_kwargs: glimpse_{engine_wide[0]} is an engine setting "
-            f"(--glimpse-{engine_wide[0]}); a request may set "
-            + ", ".join(f"glimpse_{k}" for k in GLIMPSE_REQUEST_KNOBS)
+            f"(--glimpse-{engine_wide[0]}); a request may set {may_set}"
+        )
+    # Checked here, not by PruningConfig.parse: its list of valid knobs would name the two
+    # engine-wide ones just refused above.
+    unknown = sorted(f"glimpse_{k}" for k in knobs if k not in GLIMPSE_REQUEST_KNOBS)
+    if unknown:
+        raise PruningSettingsError(
+            f"mm_processor_kwargs: unknown setting{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} (a request may set {may_set})"
         )
     try:
         request = PruningConfig.parse("glimpse", **knobs).glimpse
