@@ -13,6 +13,18 @@ merge the rest into ``contextual`` tokens. This follows the authors' code
   token assigned to its most similar target (cosine; first target on ties, like argmax), merged
   token = target hidden + mean of its members' hiddens (a target with no members stays as is).
 
+Order of the kept tokens, which the LLM sees (its attention is causal, so the order changes the
+answer even at identical positions); the two orders are the authors' own, per model family:
+
+- ``"dominant_first"`` (LLaVA-1.5 / NeXT): the dominant tokens in raster order, then the
+  contextual ones in target order, as their ``CLIPVisionTower_VisionZip.forward`` concatenates
+  them;
+- ``"raster"`` (Qwen2.5-VL, and the Qwen2-VL / Qwen3-VL family): every contextual token in its
+  target's own slot, the image's kept slots in raster order, as their
+  ``Qwen2_5_VL/qwen2_5vl_visionzip.py`` (``Qwen2_5_VLForConditionalGeneration.forward``) writes
+  each contextual token over its target's embedding and then compacts the sequence with the
+  keep mask. :func:`place_in_raster_order` does this for any caller.
+
 The model-specific parts (which layer's attention gives the score, CLS handling, positions)
 live in the model files; this module only sees tensors.
 
@@ -67,12 +79,43 @@ def _use_triton(tensor: torch.Tensor) -> bool:
         return False
 
 
+ORDERS = ("dominant_first", "raster")
+
+
 @dataclass(frozen=True)
 class VisionZipResult:
-    tokens: torch.Tensor  # [D + C, H]: dominant tokens in original order, then contextual
+    tokens: torch.Tensor  # [D + C, H] in the requested order (see the module docstring)
+    slots: torch.Tensor  # [D + C] the original index (slot) of each row of ``tokens``
     dominant_index: torch.Tensor  # [D] sorted original indices of the dominant tokens
-    target_index: torch.Tensor  # [C] original indices of the contextual targets
+    target_index: torch.Tensor  # [C] sorted original indices of the contextual targets
     assignment: torch.Tensor  # [R - C] for each merged (non-target) remaining token: its target
+
+
+def place_in_raster_order(
+    tokens: torch.Tensor, dominant_index: torch.Tensor, target_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's kept tokens in the Qwen order: raster order of their slots, each contextual
+    token in its target's slot.
+
+    The authors' Qwen2.5-VL code (``Qwen2_5_VL/qwen2_5vl_visionzip.py``,
+    ``Qwen2_5_VLForConditionalGeneration.forward``) marks the dominant slots and the contextual
+    targets' slots in a keep mask, writes each merged contextual token over its target's
+    embedding (``inputs_embeds[:, contexual_input_idx] = contextual_tokens``) and compacts the
+    image with that mask (``inputs_embeds[:, img_mask]``): what is left is every kept slot in
+    ascending order. Sorting the slots gives the same sequence without building the
+    full-length sequence, and without a host sync on GPU.
+
+    tokens [D + C, H]: the D dominant tokens (row i is slot ``dominant_index[i]``), then the C
+    contextual tokens (row D + j is slot ``target_index[j]``); the D + C slots are distinct
+    indices into the image's unpruned tokens. Returns (tokens [D + C, H] in ascending slot
+    order, their slots [D + C] ascending).
+    """
+    slots = torch.cat([dominant_index, target_index])
+    if tokens.shape[0] != slots.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} tokens for {slots.shape[0]} slots "
+                         f"({dominant_index.shape[0]} dominant + {target_index.shape[0]} targets)")
+    order = torch.argsort(slots, stable=True)
+    return tokens[order], slots[order]
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,12 +191,16 @@ def visionzip(
     dominant: int,
     contextual: int,
     always_keep: torch.Tensor | None = None,
+    order: str = "dominant_first",
 ) -> VisionZipResult:
     """VisionZip for one image.
 
     hidden [N, H], scores [N], keys [N, Dk]. ``always_keep`` (indices) are counted in
     ``dominant`` and kept regardless of score: LLaVA's CLS token, which VisionZip always keeps.
+    ``order``: ``"dominant_first"`` (LLaVA) or ``"raster"`` (Qwen), see the module docstring.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     n = hidden.shape[0]
     if dominant + contextual > n:
         raise ValueError(f"VisionZip budget {dominant}+{contextual} exceeds the {n} tokens")
@@ -166,5 +213,10 @@ def visionzip(
     is_dominant[dominant_index] = True
     remaining = torch.nonzero(~is_dominant).squeeze(-1)
     merged, targets, assignment = merge_contextual(hidden[remaining], keys[remaining], contextual)
+    target_index = remaining[targets]
     tokens = torch.cat([hidden[dominant_index], merged], dim=0)
-    return VisionZipResult(tokens, dominant_index, remaining[targets], assignment)
+    if order == "raster":
+        tokens, slots = place_in_raster_order(tokens, dominant_index, target_index)
+    else:
+        slots = torch.cat([dominant_index, target_index])
+    return VisionZipResult(tokens, slots, dominant_index, target_index, assignment)
