@@ -41,7 +41,7 @@ for mod in torchaudio torchcodec; do
   fi
 done
 
-# torchvision: same CUDA-linked wheel problem, but vLLM and transformers need it (DESIGN.md §4).
+# torchvision: same CUDA-linked wheel problem, but vLLM and transformers need it (docs/design.md §5).
 # Declare its two missing op schemas at start-up of every process of this environment.
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 PTH="$SITE/vllm_glimpse_torchvision_cpu.pth"

@@ -23,7 +23,7 @@ def enable_mrope_recompute_for_pruned_images() -> None:
     The runner calls ``model.recompute_mrope_positions`` for every request whose media
     embeddings it gathers only when its ``is_multimodal_pruning_enabled`` flag is set, and sets
     the flag only when ``video_pruning_rate > 0`` (which would also turn on EVS for videos);
-    ``CPUModelRunner.load_model`` never sets it at all (DESIGN.md §3).
+    ``CPUModelRunner.load_model`` never sets it at all (docs/design.md §3).
 
     Fix: after ``load_model``, a model whose ``needs_mrope_recompute`` attribute is true switches
     the runner's flag on. The GPU runner (V1) and the CPU runner, which overrides ``load_model``

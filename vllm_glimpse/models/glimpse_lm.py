@@ -6,7 +6,7 @@ GlimpseStepPlan` (some requests' prefill ends in it and they have images):
 
 1. the glimpse token (the last prompt token, appended by the processor) gets the learned
    embedding ``glimpse_embedding(0)``; before each layer l > 0 in ``le_layers`` the layer's
-   embedding is added to its hidden state (DESIGN.md §1, authors' ``_append_le`` / ``_try_add_le``);
+   embedding is added to its hidden state (docs/design.md §1, authors' ``_append_le`` / ``_try_add_le``);
 2. layers 0..K run on every token of the batch, their attention inputs recorded;
 3. per request, the glimpse query of each selected layer against the request's keys gives the
    VIP's attention input (raw logits for Qwen, log-softmax over the request's keys for LLaVA);

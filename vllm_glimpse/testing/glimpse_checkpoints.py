@@ -1,6 +1,6 @@
 """Synthetic GlimpsePrune checkpoints for the tiny models, in the authors' layout.
 
-``config.json`` (the checkpoint fields of DESIGN.md §1) + ``new_modules_gp.pt`` (the
+``config.json`` (the checkpoint fields of docs/design.md §1) + ``new_modules_gp.pt`` (the
 ``save_new_modules`` keys), random weights at sensible scales. Random VIP weights decide nothing
 meaningful, so tests force the keep rule (``fixed_ratio``) or check the decision against the
 independent reference on the same weights.
