@@ -4,7 +4,7 @@ One :class:`PruningConfig` describes what the plugin does to a model: the method
 ``visionzip``, ``glimpse``) and that method's knobs. It travels inside the HF config
 (``hf_config.vllm_glimpse``, a plain dict) because that is the one object vLLM hands to both the
 multimodal processor (front-end process) and the model (worker process); ``additional_config``
-reaches only the model (DESIGN.md §3).
+reaches only the model (docs/design.md §3).
 
 How the config gets there: :func:`engine_kwargs` returns ``hf_overrides=PruningOverrides(...)``,
 a picklable callable that vLLM applies to the HF config when it builds ``ModelConfig``. The
@@ -345,7 +345,7 @@ def visionzip_counts(num_tokens: int, dominant_ratio: float, contextual_ratio: f
     """(dominant, contextual) token counts for an image of ``num_tokens`` tokens (Qwen2.5-VL).
 
     The authors' Qwen2.5-VL code keeps ``int(N * 0.65)`` dominant and
-    ``max(int(N * 0.05), 1)`` contextual tokens (DESIGN.md §2). Beyond their rule: a contextual
+    ``max(int(N * 0.05), 1)`` contextual tokens (docs/design.md §2). Beyond their rule: a contextual
     ratio of 0 means no contextual token; D + C never exceeds N (C gives way); at least one token
     is kept.
     """

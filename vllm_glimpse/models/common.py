@@ -39,7 +39,7 @@ class PruningHashMixin:
     """Salt multimodal hashes with the pruning settings.
 
     vLLM keys its processor cache and encoder cache by the item's hash, which covers the image and
-    the request's processor kwargs but not ``hf_overrides`` (DESIGN.md §3). Without the salt an
+    the request's processor kwargs but not ``hf_overrides`` (docs/design.md §3). Without the salt an
     engine could hand out embeddings computed under other pruning settings (or none) for the
     same image. Method ``none`` leaves hashes as vLLM computes them.
     """

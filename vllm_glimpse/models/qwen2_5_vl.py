@@ -301,7 +301,7 @@ def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tens
 def qwen_vit_with_visionzip_inputs(
     visual, pixel_values: torch.Tensor, grid_thw: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run vLLM's Qwen2.5-VL ViT and collect what VisionZip reads (DESIGN.md §2).
+    """Run vLLM's Qwen2.5-VL ViT and collect what VisionZip reads (docs/design.md §2).
 
     Returns, per post-merger token of all images, in raster order: the merger output [N, E];
     the score, the attention the token receives in the last full-attention block (softmax
@@ -309,7 +309,7 @@ def qwen_vit_with_visionzip_inputs(
     2x2 merge group) [N]; and the keys of that block (post-RoPE, averaged over the merge group
     and over heads) [N, head_dim].
 
-    The blocks are compile-wrapped, so hooks on them do not fire (DESIGN.md §3): this runs the
+    The blocks are compile-wrapped, so hooks on them do not fire (docs/design.md §3): this runs the
     blocks itself, as ``Qwen2_5_VisionTransformer.forward`` does, and recomputes the scoring
     block's query and key from its own ``qkv`` (one extra projection, small next to attention).
     """
@@ -356,7 +356,7 @@ def _run_vit_blocks(visual, pixel_values, grid_thw, before_block=None, after_blo
     """The ViT up to (not including) the merger, as ``Qwen2_5_VisionTransformer.forward`` runs
     it, with callbacks around each block; returns the last block's output (window order) and
     the encoder metadata. The blocks are compile-wrapped, so hooks on them do not fire
-    (DESIGN.md §3): this loop is how we see inside."""
+    (docs/design.md §3): this loop is how we see inside."""
     meta = visual.prepare_encoder_metadata(grid_thw)
     hidden = visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)
     hidden = visual.patch_embed(hidden)
