@@ -8,9 +8,15 @@ tl.argmax, tl.cumsum are @jit functions) included. In a pytest session triton ma
 imported by then, and setting the variable for the whole session would also reach the engines
 other modules start and any compiled Triton use after this module. So this module runs itself
 a second time in a child pytest with the variable set from the start
-(test_triton_kernels_under_interpreter): there BACKENDS includes "triton" and the interpreter-
-only tests exist; here the same comparisons run between the torch, CPU and auto paths. The
-shapes are small because the interpreter runs every program instance in numpy.
+(test_triton_kernels_under_interpreter): there the path lists include "triton" and the
+interpreter-only tests exist. The shapes are small because the interpreter runs every program
+instance in numpy.
+
+Each comparison is between independent code: the Triton kernel, the torch reference next to it,
+the C++ op (the "cpu" path, only where it differs from the torch reference: the segment mean and
+the merge built on it) and a brute-force expectation written in the test. "auto" is not compared
+(on CPU tensors it is the "cpu" path); test_auto_routes_cpu_tensors_to_the_cpu_path checks
+where it goes.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_un
 import vllm_glimpse.visionzip as vz
 
 KERNELS = "vllm_glimpse.kernels.visionzip_triton"
-BACKENDS = ("triton", "torch", "cpu", "auto") if IN_CHILD else ("torch", "cpu", "auto")
+_TRITON = ("triton",) if IN_CHILD else ()
+# Paths with their own code, per operation. The score, top-k and assignment have no C++ op:
+# their "cpu" path is the torch reference.
+REFERENCE_PATHS = _TRITON + ("torch",)
+MERGE_PATHS = _TRITON + ("torch", "cpu")
 # Small blocks for the interpreter: several blocks per dimension at these sizes, so the loops
 # over blocks, the masks of partial blocks and the running max across blocks are all exercised.
 SCORE_BLOCKS = dict(block_q=32, block_k=32)
@@ -46,7 +56,7 @@ def vzt():
 if not IN_CHILD:
 
     def test_triton_kernels_under_interpreter():
-        run_module_under_interpreter(__file__, "backends or interpreter", min_passed=35)
+        run_module_under_interpreter(__file__, "backends or interpreter", min_passed=41)
 
     def _load_compiled_copy():
         return load_compiled_copy(KERNELS, "_visionzip_triton_compiled")
@@ -141,7 +151,7 @@ def test_scores_backends(vzt, s_q, s, heads, dim, reduce, dtype, scale):
     got = {
         backend: vzt.attention_received_scores(q, k, scale, reduce=reduce, backend=backend,
                                                query_chunk=16, **SCORE_BLOCKS)
-        for backend in BACKENDS
+        for backend in REFERENCE_PATHS
     }
     for backend, scores in got.items():
         assert scores.dtype == torch.float32 and scores.shape == (s,), backend
@@ -156,14 +166,14 @@ def test_scores_backends_strided_inputs(vzt):
     q, k = qkv[:, 0], qkv[:, 1]
     assert not q.is_contiguous()
     want = _naive_scores(q, k, 16 ** -0.5, "mean")
-    for backend in BACKENDS:
+    for backend in REFERENCE_PATHS:
         got = vzt.attention_received_scores(q, k, backend=backend, **SCORE_BLOCKS)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=backend)
 
 
 def test_scores_backends_empty_and_bad_inputs(vzt):
     q, k = _qk(0, 5, 2, 8, seed=0)
-    for backend in BACKENDS:
+    for backend in REFERENCE_PATHS:
         assert torch.equal(vzt.attention_received_scores(q, k, backend=backend), torch.zeros(5))
     q, k = _qk(4, 5, 2, 8, seed=0)
     with pytest.raises(ValueError, match="differ in heads"):
@@ -215,7 +225,7 @@ def test_topk_backends(vzt, case):
     for k in sorted({0, 1, 7, max(n - 1, 0), n, n + 5}):
         want = _brute_topk(scores, k)
         assert torch.equal(vz.topk_indices(scores, k), want), (case, k)  # the engine's torch path
-        for backend in BACKENDS:
+        for backend in REFERENCE_PATHS:
             got = vzt.topk_indices(scores, k, backend=backend, **TOPK_BLOCKS)
             assert got.dtype == torch.long and torch.equal(got, want), (case, k, backend, got)
             if k not in (0, 7, n):  # the mask on a few k (the indices above are built from it)
@@ -254,7 +264,7 @@ def _check_merge_backends(vzt, hidden, keys, contextual, *, exact_assignment=Non
     want_merged, want_targets, want_assign = vz.merge_contextual(hidden, keys, contextual)
     if exact_assignment is not None:
         assert torch.equal(want_assign, exact_assignment)
-    for backend in BACKENDS:
+    for backend in MERGE_PATHS:
         merged, targets, assign = vzt.contextual_merge(hidden, keys, contextual, backend=backend,
                                                        **MERGE_BLOCKS)
         assert torch.equal(targets, want_targets), backend
@@ -341,7 +351,7 @@ def test_segment_mean_backends(vzt, num_members, num_targets, hidden_size, dtype
     low = 1 if num_targets > 1 else 0  # target 0 without members when possible
     assignment = torch.randint(low, num_targets, (num_members,), generator=gen)
     want = vz.segment_mean_merge_reference(targets, members, assignment)
-    for backend in BACKENDS:
+    for backend in MERGE_PATHS:
         got = vzt.segment_mean_merge(targets, members, assignment, backend=backend, block_m=8, block_h=16)
         assert got.dtype == dtype and got.shape == (num_targets, hidden_size), backend
         # fp32: to summation-order rounding. bf16: to one bf16 rounding step (assert_close's
@@ -358,7 +368,7 @@ def test_assign_to_targets_backends(vzt):
     normed_m = member_keys / member_keys.norm(dim=-1, keepdim=True)
     normed_t = target_keys / target_keys.norm(dim=-1, keepdim=True)
     want = torch.tensor([max(range(19), key=lambda t: (normed_m[m] @ normed_t[t]).item()) for m in range(45)])
-    for backend in BACKENDS:
+    for backend in REFERENCE_PATHS:
         got = vzt.assign_to_targets(member_keys, target_keys, backend=backend, block_m=16, block_t=16, block_d=16)
         assert torch.equal(got, want), backend
     with pytest.raises(ValueError, match="at least one target"):
@@ -368,6 +378,72 @@ def test_assign_to_targets_backends(vzt):
 # -------------------------------------------------------------------------------------------------
 # Wire-up in vllm_glimpse/visionzip.py and backend selection
 # -------------------------------------------------------------------------------------------------
+
+
+def _brute_visionzip(hidden, scores, keys, dominant, contextual, order):
+    """VisionZip for one image in plain Python loops over slots (no shared code with the module
+    beyond torch arithmetic): top-k by (score desc, slot asc), strided targets among the rest,
+    first most-similar target, target + mean of its members; then the requested order."""
+    n = hidden.shape[0]
+    values = scores.float().tolist()
+    dominant_slots = sorted(sorted(range(n), key=lambda i: (-values[i], i))[:dominant])
+    rest = [i for i in range(n) if i not in set(dominant_slots)]
+    step = max(1, len(rest) // contextual) if contextual else 0
+    targets = [rest[p] for p in range(0, len(rest), step)][:contextual] if contextual else []
+    unit = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+    members = {t: [] for t in targets}
+    for i in rest:
+        if i not in members:
+            sims = [float(unit[i] @ unit[t]) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    token = {i: hidden[i].float() for i in dominant_slots}
+    for t in targets:
+        extra = torch.stack([hidden[m].float() for m in members[t]]).mean(0) if members[t] else 0
+        token[t] = hidden[t].float() + extra
+    slots = sorted(token) if order == "raster" else dominant_slots + targets
+    return torch.stack([token[i] for i in slots]).to(hidden.dtype), torch.tensor(slots)
+
+
+# The module's backends: the kernels (in the child) and its torch code.
+VISIONZIP_PATHS = _TRITON + ("torch",)
+
+
+@pytest.mark.parametrize("order", ["raster", "dominant_first"])
+@pytest.mark.parametrize("n, dominant, contextual", [(120, 30, 9), (64, 40, 10), (9, 1, 8)])
+def test_visionzip_order_backends(vzt, order, n, dominant, contextual):
+    """Every backend gives the brute-force tokens, slots and order: "raster" (Qwen: kept slots
+    ascending, each contextual token in its target's slot) or "dominant_first" (LLaVA)."""
+    gen = torch.Generator().manual_seed(n + dominant)
+    hidden = torch.randn(n, 16, generator=gen)
+    keys = torch.randn(n, 8, generator=gen)
+    scores = torch.randint(0, 5, (n,), generator=gen).float()  # many ties
+    want_tokens, want_slots = _brute_visionzip(hidden, scores, keys, dominant, contextual, order)
+    for backend in VISIONZIP_PATHS:
+        with vz.use_backend(backend):
+            got = vz.visionzip(hidden, scores, keys, dominant, contextual, order=order)
+        assert torch.equal(got.slots, want_slots), (backend, got.slots, want_slots)
+        torch.testing.assert_close(got.tokens, want_tokens, rtol=1e-5, atol=1e-5, msg=backend)
+    if order == "raster":  # some target precedes a dominant slot: the two orders differ here
+        other = vz.visionzip(hidden, scores, keys, dominant, contextual, order="dominant_first")
+        assert not torch.equal(other.slots, got.slots)
+
+
+def test_place_in_raster_order_rejects_mismatched_counts():
+    with pytest.raises(ValueError, match="3 tokens for 4 slots"):
+        vz.place_in_raster_order(torch.zeros(3, 2), torch.tensor([0, 2]), torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="order must be one of"):
+        vz.visionzip(torch.zeros(4, 2), torch.zeros(4), torch.zeros(4, 2), 2, 1, order="slots")
+
+
+def test_auto_routes_cpu_tensors_to_the_cpu_path(vzt, monkeypatch):
+    """On CPU tensors "auto" is the CPU path (C++ segment mean), even with the interpreter on."""
+    hidden, keys = torch.randn(20, 6), torch.randn(20, 4)
+    assert vzt._resolve("auto", hidden) == "cpu"
+    calls = []
+    monkeypatch.setattr(vzt, "_segment_mean_merge_cpu",
+                        lambda *a, **kw: calls.append("cpu") or vz.segment_mean_merge_reference(*a))
+    vzt.contextual_merge(hidden, keys, 4)
+    assert calls == ["cpu"]
 
 
 if IN_CHILD:
@@ -387,16 +463,15 @@ if IN_CHILD:
         for backend in ("triton", "torch", "auto"):
             with vz.use_backend(backend):
                 results[backend] = vz.visionzip(hidden, scores, keys, dominant=30, contextual=9,
-                                                always_keep=torch.tensor([0]))
-        # Only the forced run went to the kernels: auto on CPU tensors is the torch path.
+                                                always_keep=torch.tensor([0]), order="raster")
+        # Only the forced run went to the kernels: auto on CPU tensors is the torch path (so it
+        # is not compared: the same code as "torch").
         assert calls == ["topk_indices", "contextual_merge"]
-        want = results["torch"]
+        want, got = results["torch"], results["triton"]
         assert want.dominant_index[0] == 0 and want.tokens.shape == (39, 16)
-        for backend in ("triton", "auto"):
-            got = results[backend]
-            for field in ("dominant_index", "target_index", "assignment"):
-                assert torch.equal(getattr(got, field), getattr(want, field)), (backend, field)
-            torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+        for field in ("dominant_index", "target_index", "assignment", "slots"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
         assert vz._BACKEND == "auto"
 
 

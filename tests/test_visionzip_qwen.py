@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from tests.reference.visionzip_hf import qwen_generate, qwen_visionzip_image, qwen_vit_capture
+from tests.reference.visionzip_hf import (
+    qwen_generate,
+    qwen_greedy,
+    qwen_image_sequence,
+    qwen_prefill,
+    qwen_visionzip_image,
+    qwen_vit_capture,
+)
 from vllm_glimpse.settings import visionzip_counts
 from tests.engine_reference import assert_engine_matches_reference
 from vllm_glimpse.testing.workloads import mixed_batch
@@ -32,16 +39,23 @@ def _images():
 
 
 @pytest.mark.parametrize("dominant_ratio, contextual_ratio", RATIOS)
-def test_selection_and_merge_match_reference(hf_qwen, dominant_ratio, contextual_ratio):
+def test_selection_merge_and_order_match_reference(hf_qwen, dominant_ratio, contextual_ratio):
+    """Our VisionZip on the same block's query/key gives the reference's kept slots and, in the
+    authors' Qwen order (kept slots in raster order, each contextual token in its target's
+    slot), the same token sequence; the LLaVA order (contextual tokens after the dominant ones)
+    gives another sequence wherever a target precedes a dominant token."""
     from vllm_glimpse.models.qwen2_5_vl import merged_scores_and_keys
 
     model, processor = hf_qwen
     visual = model.model.visual
+    old_order_differs = 0
     for image in _images():
         inputs = processor.image_processor(images=[image], return_tensors="pt")
         grid = inputs.image_grid_thw
-        want_tokens, want_dominant, want_targets = qwen_visionzip_image(
+        image_embeds, select_mask, target_slots, contextual_tokens = qwen_visionzip_image(
             visual, inputs.pixel_values, grid, dominant_ratio, contextual_ratio)
+        want_tokens, want_slots = qwen_image_sequence(
+            image_embeds, select_mask, target_slots, contextual_tokens)
 
         # Our scoring and selection on the same block's query/key (window order).
         embeds, q, k, reverse = qwen_vit_capture(visual, inputs.pixel_values, grid)
@@ -49,11 +63,22 @@ def test_selection_and_merge_match_reference(hf_qwen, dominant_ratio, contextual
             q.transpose(0, 1), k.transpose(0, 1), [int(grid.prod())], visual.spatial_merge_unit,
             reverse)
         dominant, contextual = visionzip_counts(embeds.shape[0], dominant_ratio, contextual_ratio)
-        got = visionzip(embeds, scores, keys, dominant, contextual)
+        got = visionzip(embeds, scores, keys, dominant, contextual, order="raster")
         assert got.tokens.shape[0] == want_tokens.shape[0] == dominant + contextual
-        assert got.dominant_index.tolist() == want_dominant.tolist()
-        assert got.target_index.tolist() == want_targets.tolist()
+        assert got.slots.tolist() == want_slots.tolist()
+        assert got.target_index.tolist() == target_slots.tolist()
+        is_target = torch.zeros_like(select_mask)
+        is_target[target_slots] = True
+        assert got.dominant_index.tolist() == torch.nonzero(select_mask & ~is_target).flatten().tolist()
         torch.testing.assert_close(got.tokens, want_tokens, rtol=1e-5, atol=1e-5)
+
+        old = visionzip(embeds, scores, keys, dominant, contextual, order="dominant_first")
+        torch.testing.assert_close(old.tokens[dominant:], contextual_tokens, rtol=1e-5, atol=1e-5)
+        if dominant and contextual and int(target_slots.min()) < int(got.dominant_index.max()):
+            assert not torch.allclose(old.tokens, want_tokens, rtol=1e-5, atol=1e-5)
+            old_order_differs += 1
+    if contextual_ratio:  # the images of the batch really tell the two orders apart
+        assert old_order_differs >= 3
 
 
 def test_counts_follow_the_authors_ratios():
@@ -122,7 +147,9 @@ def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
              ("image", [1, 36, 20]), ("image", [1, 4, 4])]
     t_factor = config.vision_config.tokens_per_second * 1.0
     rng = np.random.default_rng(0)
-    kept, channels = [], []  # per item: kept indices (dominant sorted, then targets); positions
+    # Per item: the kept slots in the order the model emits them (raster order, a contextual
+    # token in its target's slot: the slot carries the position), and their position channels.
+    kept, channels = [], []
     for modality, (t, h, w) in items:
         grid = media_positions(t, h // 2, w // 2, t_factor if modality == "video" else 1.0)
         n = grid.shape[0]
@@ -130,8 +157,7 @@ def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
             kept.append(np.arange(n))
         else:
             d, c = visionzip_counts(n, 0.45, 0.05)
-            perm = rng.permutation(n)
-            kept.append(np.concatenate([np.sort(perm[:d]), perm[d:d + c]]))
+            kept.append(np.sort(rng.permutation(n)[:d + c]))
         channels.append(grid[kept[-1]])
     texts = [5, 3, 4, 2, 6, 3]
 
@@ -191,6 +217,48 @@ def test_greedy_tokens_match_hf_reference(tiny_models, hf_qwen, dominant_ratio, 
         lambda prompt, images: qwen_generate(model, processor, prompt, images, dominant_ratio,
                                              contextual_ratio, MAX_TOKENS),
         MAX_TOKENS)
+
+
+def _dominant_first(inputs_embeds, position_ids, image_of, is_contextual):
+    """The LLaVA order on a Qwen prefill: in each image, the contextual tokens moved after the
+    dominant ones, each with its position (the plugin's order before the authors' Qwen order)."""
+    order, i = [], 0
+    while i < len(image_of):
+        if image_of[i] < 0:
+            order.append(i)
+            i += 1
+            continue
+        span = torch.nonzero(image_of == image_of[i]).flatten().tolist()
+        order += [j for j in span if not is_contextual[j]] + [j for j in span if is_contextual[j]]
+        i = span[-1] + 1
+    return inputs_embeds[order], position_ids[:, order]
+
+
+def test_old_order_fails_against_reference(tiny_models, hf_qwen):
+    """The reference (the authors' Qwen order) and the order used before (each image's contextual
+    tokens after its dominant ones, positions unchanged) feed the LLM different sequences, and
+    the LLM's greedy tokens tell them apart on the mixed batch: the order is observable, so the
+    engine test below, which matches the reference, rules the old order out."""
+    from transformers import AutoTokenizer
+
+    from vllm_glimpse.testing.workloads import build_request
+
+    model, processor = hf_qwen
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2_5_vl"])
+    differ = 0
+    for spec in mixed_batch():
+        if not spec.images:
+            continue
+        prompt = build_request(tokenizer, spec)["prompt"]
+        embeds, positions, image_of, is_contextual = qwen_prefill(
+            model, processor, prompt, [img.build() for img in spec.images], 0.65, 0.05)
+        old_embeds, old_positions = _dominant_first(embeds, positions, image_of, is_contextual)
+        assert int(is_contextual.sum()) >= len(spec.images)  # every image has contextual tokens
+        assert sorted(map(tuple, old_positions.T.tolist())) == sorted(map(tuple, positions.T.tolist()))
+        assert not torch.equal(old_embeds, embeds)
+        want = qwen_greedy(model, embeds, positions, MAX_TOKENS)
+        differ += qwen_greedy(model, old_embeds, old_positions, MAX_TOKENS) != want
+    assert differ >= 1
 
 
 def test_precomputed_image_embeds_are_refused_clearly(tiny_models):

@@ -1,9 +1,9 @@
 """Independent reference of VisionZip on HF transformers' model classes.
 
-Written from the authors' code (dvlab-research/VisionZip: clip_encoder.py, llava_arch.py) in
-their style (boolean masks, bmm, one-hot assignment), on transformers' eager attention
-probabilities and hidden states. It imports nothing from vllm or vllm_glimpse: it is the oracle
-the engine is compared against.
+Written from the authors' code (dvlab-research/VisionZip: clip_encoder.py, llava_arch.py for
+LLaVA; Qwen2_5_VL/qwen2_5vl_visionzip.py for Qwen2.5-VL) in their style (boolean masks, bmm,
+one-hot assignment), on transformers' eager attention probabilities and hidden states. It
+imports nothing from vllm or vllm_glimpse: it is the oracle the engine is compared against.
 """
 
 from __future__ import annotations
@@ -192,87 +192,144 @@ def qwen_vit_capture(visual, pixel_values, grid_thw):
 
 @torch.no_grad()
 def qwen_visionzip_image(visual, pixel_values, grid_thw, dominant_ratio, contextual_ratio):
-    """VisionZip of one Qwen2.5-VL image on the HF ViT: (tokens [D + C, E], dominant indices,
-    contextual target indices), indices into the image's post-merger tokens in raster order.
+    """VisionZip of one Qwen2.5-VL image on the HF ViT, step by step as the authors' Qwen code
+    decides selection, merge and placement (``Qwen2_5_VL/qwen2_5vl_visionzip.py`` of
+    dvlab-research/VisionZip, release of 2025-05-26: ``Qwen2_5_VLForConditionalGeneration.forward``,
+    the ``if select_pixel:`` block; their variable names are kept).
 
-    Score: the softmax attention each token receives in the last full-attention block, averaged
-    over heads, summed over queries, averaged over the 2x2 merge group, put back in raster order.
-    Keys: that block's post-RoPE keys averaged over the merge group, then over heads.
+    Returns (image_embeds [N, E] the merger output in raster order, select_mask [N] the slots the
+    image keeps, contexual_input_idx [C] the slots the contextual tokens are written into,
+    contextual_tokens [C, E]). :func:`qwen_image_sequence` turns them into what the LLM reads.
+
+    Score (their ``Qwen2_5_VisionTransformerPretrainedModel.forward``): the softmax attention of
+    the scored block, mean over heads, summed over queries, averaged over the 2x2 merge group, in
+    raster order. Keys: that block's post-RoPE keys averaged over the merge group, then heads.
     """
     image_embeds, q, k, reverse_indices = qwen_vit_capture(visual, pixel_values, grid_thw)
     seq, unit = q.shape[1], visual.spatial_merge_unit
     scaling = q.shape[-1] ** -0.5
-    attn_weights = torch.softmax(q @ k.transpose(1, 2) * scaling, dim=-1)  # one image: full S x S
-    attn_logits = attn_weights.mean(dim=0).sum(dim=0).view(seq // unit, unit).mean(-1)[reverse_indices]
-    metric = k.reshape(k.shape[0], seq // unit, unit, -1).mean(2)[:, reverse_indices].mean(0)
+    logits = torch.softmax(q @ k.transpose(1, 2) * scaling, dim=-1)  # one image: full S x S
+    attn_logits = logits.mean(dim=0).sum(dim=0).view(seq // unit, unit).mean(dim=-1)
+    attn_logits = attn_logits[reverse_indices]
+    attn_key = k.reshape(k.shape[0], seq // unit, unit, -1).mean(dim=2)[:, reverse_indices].mean(0)
+    attn_key = attn_key.unsqueeze(0)  # [1, N, head_dim]
 
-    n = image_embeds.shape[0]
+    n = attn_logits.size(0)
+    # Theirs: int(0.65 * N) and max(int(0.05 * N), 1); the project's settings also allow no
+    # contextual token (ratio 0) and never keep more than N tokens.
     dominant_num = int(n * dominant_ratio)
     contextual_num = max(int(n * contextual_ratio), 1) if contextual_ratio > 0 else 0
     contextual_num = min(contextual_num, n - dominant_num)
-    dominant_idx = attn_logits.topk(dominant_num).indices.sort().values
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[dominant_idx] = False
-    dominant_tokens = image_embeds[~mask]
+    _, topk_indices = torch.topk(attn_logits, dominant_num)
+
+    mask = torch.zeros_like(attn_logits, dtype=torch.bool)
+    mask[topk_indices] = True
+    contextual_mask = ~mask
+    select_mask = torch.zeros_like(attn_logits, dtype=torch.bool)
+    select_mask[topk_indices] = True
     if contextual_num == 0:
-        return dominant_tokens, dominant_idx, torch.empty(0, dtype=torch.long)
-    rest_idx = torch.nonzero(mask).squeeze(-1)
-    metric_filtered = metric[mask]
-    hidden_filtered = image_embeds[mask]
+        empty = torch.empty(0, dtype=torch.long)
+        return image_embeds, select_mask, empty, image_embeds[:0]
+    metric_filtered = attn_key[:, contextual_mask]
     metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
-    step = max(1, rest_idx.numel() // contextual_num)
-    target_indices = torch.arange(0, rest_idx.numel(), step)[:contextual_num]
-    not_target = ~torch.isin(torch.arange(rest_idx.numel()), target_indices)
-    similarity = metric_normalized[not_target] @ metric_normalized[target_indices].T
-    assign_one_hot = torch.zeros(int(not_target.sum()), contextual_num, dtype=hidden_filtered.dtype)
-    assign_one_hot.scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
-    counts = assign_one_hot.sum(dim=0).clamp(min=1).unsqueeze(-1)
-    aggregated = assign_one_hot.T @ hidden_filtered[not_target] / counts
-    contextual_tokens = hidden_filtered[target_indices] + aggregated
-    return torch.cat([dominant_tokens, contextual_tokens]), dominant_idx, rest_idx[target_indices]
+
+    # Contextual visual tokens: uniformly strided targets among the non-dominant tokens.
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    not_target = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, not_target, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num,
+                                 dtype=image_embeds.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+
+    # Placement: the targets' slots join the kept slots, and the contextual tokens go into them.
+    false_pos = (~select_mask).nonzero(as_tuple=True)[0]
+    select_mask[false_pos[target_indices]] = True
+    contexual_input_idx = false_pos[target_indices]
+
+    hidden_states_filtered = image_embeds[None][:, contextual_mask]
+    hidden_to_merge = hidden_states_filtered[:, not_target, :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    return image_embeds, select_mask, contexual_input_idx, contextual_tokens[0]
+
+
+def qwen_image_sequence(image_embeds, select_mask, contexual_input_idx, contextual_tokens):
+    """One image's part of the LLM input as the authors build it: the contextual tokens written
+    over their targets' embeddings (``inputs_embeds[:, contexual_input_idx] = contextual_tokens``),
+    then the image compacted by the keep mask (``inputs_embeds[:, img_mask]``), so the kept slots
+    stay in raster order. Returns (tokens [D + C, E], their slots [D + C])."""
+    embeds = image_embeds.clone()
+    embeds[contexual_input_idx] = contextual_tokens
+    return embeds[select_mask], torch.nonzero(select_mask).squeeze(-1)
 
 
 @torch.no_grad()
-def qwen_generate(model, processor, prompt, images, dominant_ratio, contextual_ratio, max_new_tokens):
-    """Greedy tokens of HF Qwen2.5-VL with VisionZip: each image's tokens replaced by its kept and
-    contextual tokens; every kept token at its original (t, h, w) position, a contextual token at
-    its target's, text positions as in the unpruned prompt; decoding continues from max + 1."""
+def qwen_prefill(model, processor, prompt, images, dominant_ratio, contextual_ratio):
+    """The LLM input of HF Qwen2.5-VL with VisionZip, built as the authors' forward builds it.
+
+    The unpruned prompt's embeddings (image embeddings scattered into the image tokens) and
+    M-RoPE positions (``get_rope_index``); per image, the keep mask over its span is its
+    ``select_mask`` and its contextual tokens overwrite their targets' embeddings; then
+    embeddings and positions are compacted with the keep mask together, so every kept token
+    keeps its unpruned position (a contextual token its target's) and text positions are those
+    of the unpruned prompt. Their code handles one image span per prompt (``first:last+1``);
+    here the same is done for each image's span.
+
+    Returns (inputs_embeds [L', E], position_ids [3, L'], image_of [L'] the image a token belongs
+    to (-1 for text), is_contextual [L'] bool).
+    """
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
-    ids = inputs.input_ids
+    input_ids = inputs.input_ids
     lm = model.model
     if images:
-        positions, _ = lm.get_rope_index(ids, inputs.mm_token_type_ids, inputs.image_grid_thw)
+        position_ids, _ = lm.get_rope_index(input_ids, inputs.mm_token_type_ids,
+                                            inputs.image_grid_thw)
     else:
-        positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
-    positions = positions[:, 0]  # [3, L]
-    embeds = lm.get_input_embeddings()(ids[0])
-    is_image = ids[0] == model.config.image_token_id
-    pieces, piece_positions, i, k = [], [], 0, 0
-    pixel_offset = 0
-    while i < ids.shape[1]:
-        if not is_image[i]:
-            pieces.append(embeds[i:i + 1])
-            piece_positions.append(positions[:, i:i + 1])
-            i += 1
-            continue
-        grid = inputs.image_grid_thw[k:k + 1]
+        position_ids = torch.arange(input_ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    inputs_embeds = lm.get_input_embeddings()(input_ids).clone()  # [1, L, E]
+    img_mask = torch.ones(input_ids.shape[1], dtype=torch.bool)  # text: always kept
+    is_contextual = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+    image_of = torch.full((input_ids.shape[1],), -1)
+    image_starts = torch.nonzero(input_ids[0] == model.config.image_token_id).squeeze(-1).tolist()
+    first, pixel_offset = 0, 0
+    for k, grid in enumerate(inputs.image_grid_thw if images else []):
+        grid = grid[None]
         num_patches = int(grid.prod())
-        pixels = inputs.pixel_values[pixel_offset:pixel_offset + num_patches]
-        tokens, dominant_idx, target_idx = qwen_visionzip_image(
-            lm.visual, pixels, grid, dominant_ratio, contextual_ratio)
         num_image_tokens = num_patches // lm.visual.spatial_merge_unit
-        pieces.append(tokens)
-        piece_positions.append(positions[:, i + torch.cat([dominant_idx, target_idx])])
-        i += num_image_tokens
+        first = next(i for i in image_starts if i >= first)  # this image's first token
+        last = first + num_image_tokens - 1
+        image_embeds, select_mask, contexual_input_idx, contextual_tokens = qwen_visionzip_image(
+            lm.visual, inputs.pixel_values[pixel_offset:pixel_offset + num_patches], grid,
+            dominant_ratio, contextual_ratio)
+        inputs_embeds[0, first:last + 1] = image_embeds  # their masked_scatter of image_embeds
+        img_mask[first:last + 1] = select_mask
+        inputs_embeds[0, contexual_input_idx + first] = contextual_tokens
+        is_contextual[contexual_input_idx + first] = True
+        image_of[first:last + 1] = k
+        first = last + 1
         pixel_offset += num_patches
-        k += 1
-    inputs_embeds = torch.cat(pieces)[None]
-    position_ids = torch.cat(piece_positions, dim=1)[:, None]  # [3, 1, L']
+    position_ids = position_ids[:, :, img_mask]
+    inputs_embeds = inputs_embeds[:, img_mask]
+    return inputs_embeds[0], position_ids[:, 0], image_of[img_mask], is_contextual[img_mask]
+
+
+@torch.no_grad()
+def qwen_greedy(model, inputs_embeds, position_ids, max_new_tokens):
+    """Greedy tokens of the HF Qwen2.5-VL LLM from a prefill's embeddings [L', E] and M-RoPE
+    positions [3, L']; decoding continues from the largest position + 1 (the unpruned prompt's
+    next position: the authors' ``rope_deltas`` come from the unpruned prompt)."""
+    lm = model.model
 
     def logits(hidden):
         return model.lm_head(hidden[:, -1])
 
-    out = lm.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True)
+    out = lm.language_model(inputs_embeds=inputs_embeds[None], position_ids=position_ids[:, None],
+                            use_cache=True)
     next_position = int(position_ids.max()) + 1
     tokens = [int(logits(out.last_hidden_state).argmax())]
     past = out.past_key_values
@@ -283,3 +340,11 @@ def qwen_generate(model, processor, prompt, images, dominant_ratio, contextual_r
         past = out.past_key_values
         tokens.append(int(logits(out.last_hidden_state).argmax()))
     return tokens
+
+
+@torch.no_grad()
+def qwen_generate(model, processor, prompt, images, dominant_ratio, contextual_ratio, max_new_tokens):
+    """Greedy tokens of HF Qwen2.5-VL with VisionZip (:func:`qwen_prefill`, :func:`qwen_greedy`)."""
+    inputs_embeds, position_ids, _, _ = qwen_prefill(model, processor, prompt, images,
+                                                  dominant_ratio, contextual_ratio)
+    return qwen_greedy(model, inputs_embeds, position_ids, max_new_tokens)

@@ -206,11 +206,11 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
             merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw, budgets
         ):
             dominant, contextual = visionzip_counts(tokens.shape[0], *ratios)
-            result = visionzip(tokens, score, key, dominant, contextual)
+            # The authors' Qwen order: kept slots in raster order, each contextual token in its
+            # target's slot; every token at its slot's (t, h, w) position.
+            result = visionzip(tokens, score, key, dominant, contextual, order="raster")
             positions = media_positions(t, h // merge, w // merge).to(tokens.device)
-            # Dominant tokens at their own positions, contextual ones at their targets'.
-            kept = torch.cat([result.dominant_index, result.target_index])
-            out.append(torch.cat([result.tokens, positions[kept].to(tokens.dtype)], dim=1))
+            out.append(torch.cat([result.tokens, positions[result.slots].to(tokens.dtype)], dim=1))
         return tuple(out)
 
     def _videos_with_positions(self, video_input) -> tuple[torch.Tensor, ...]:
