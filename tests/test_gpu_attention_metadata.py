@@ -1,0 +1,107 @@
+"""The attention metadata GlimpsePrune's runner rebuilds mid-forward for layers K+1.., checked
+with vLLM's FlashAttention metadata builder (the GPU backend's class constructs on the CPU).
+
+For a batch in which one request was pruned, ``GlimpseRunnerMixin._switch_attention`` derives
+the short batch from the runner's state; the metadata it installs must equal what the builder
+gives for the same batch described directly as already pruned."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.config import set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.forward_context import override_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.worker.utils import AttentionGroup
+
+from vllm_glimpse.engine.runner import GlimpseRunnerMixin
+
+BLOCK = 16
+LAYERS = ["model.layers.2.self_attn.attn", "model.layers.3.self_attn.attn"]
+
+
+@pytest.fixture(scope="module")
+def flash_group(tiny_models):
+    config = EngineArgs(model=tiny_models["qwen2_5_vl"], max_model_len=2048).create_engine_config()
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    with set_current_vllm_config(config):
+        group = AttentionGroup(backend=FlashAttentionBackend, layer_names=list(LAYERS),
+                               kv_cache_spec=spec, kv_cache_group_id=0)
+        group.create_metadata_builders(config, torch.device("cpu"))
+    return config, group
+
+
+def _runner_state(query_lens, computed, prompt_lens, block_table, group):
+    """The attributes of vLLM's V1 runner that ``_switch_attention`` reads, for one step."""
+    query_start = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    query_start[1:] = torch.tensor(query_lens).cumsum(0)
+    batch = SimpleNamespace(
+        num_reqs=len(query_lens),
+        num_computed_tokens_cpu_tensor=torch.tensor(computed, dtype=torch.int32),
+        num_prompt_tokens_cpu_tensor=torch.tensor(prompt_lens, dtype=torch.int32),
+        block_table=[SimpleNamespace(get_device_tensor=lambda n: block_table[:n])],
+    )
+    return SimpleNamespace(
+        input_batch=batch,
+        query_start_loc=SimpleNamespace(cpu=query_start, gpu=query_start.clone()),
+        seq_lens=torch.zeros(len(query_lens), dtype=torch.int32),
+        attn_groups=[[group]],
+    )
+
+
+def _fields(metadata) -> dict:
+    return {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+
+
+def _assert_same(got, want):
+    got, want = _fields(got), _fields(want)
+    assert got.keys() == want.keys()
+    for name in want:
+        a, b = got[name], want[name]
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), name
+        else:
+            assert a == b, name
+
+
+@pytest.mark.parametrize("removed", [{1: 35}, {1: 35, 2: 7}, {2: 1}])
+def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, removed):
+    config, group = flash_group
+    # A decode (40 tokens computed), and two whole prompts of 50 and 20 tokens in one step.
+    query_lens, computed, prompt_lens = [1, 50, 20], [40, 0, 0], [30, 50, 20]
+    block_table = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
+    runner = _runner_state(query_lens, computed, prompt_lens, block_table, group)
+
+    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(query_lens)]
+    num_tokens = sum(pruned_query)
+    slot_mapping = torch.arange(100, 100 + num_tokens, dtype=torch.int64)
+    context = SimpleNamespace(attn_metadata={}, slot_mapping={})
+    with set_current_vllm_config(config), override_forward_context(context):
+        GlimpseRunnerMixin._switch_attention(runner, LAYERS, removed, slot_mapping, num_tokens)
+
+    # The same step, written down directly as the pruned batch it became.
+    seq_lens = torch.tensor([c + q for c, q in zip(computed, pruned_query)], dtype=torch.int32)
+    query_start = torch.tensor([0] + pruned_query, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    expected = CommonAttentionMetadata(
+        query_start_loc=query_start, query_start_loc_cpu=query_start,
+        seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
+        num_reqs=3, num_actual_tokens=num_tokens,
+        max_query_len=max(pruned_query), max_seq_len=int(seq_lens.max()),
+        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True,
+        is_prefilling=torch.tensor([False, True, True]),
+    )
+    with set_current_vllm_config(config):
+        want = group.get_metadata_builder().build(0, expected)
+
+    assert set(context.attn_metadata) == set(LAYERS)
+    for name in LAYERS:
+        assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]
+        assert torch.equal(context.slot_mapping[name], slot_mapping)
+    _assert_same(context.attn_metadata[LAYERS[0]], want)
+    assert context.attn_metadata[LAYERS[0]].max_query_len == max(pruned_query)
