@@ -31,6 +31,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.utils import cast_overflow_tensors
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -379,6 +380,10 @@ def _run_vit_blocks(visual, pixel_values, grid_thw, before_block=None, after_blo
         )
         if after_block is not None:
             after_block(index, block, hidden.reshape(seq_len, -1))
+    # vLLM's guard, kept with the copy: Qwen2.5-VL-3B overflows float16 in the last block on long
+    # image sequences, and the ViT forward casts the overflow before the merger.
+    if hidden.dtype == torch.float16:
+        hidden = cast_overflow_tensors(hidden)
     return hidden, meta
 
 
