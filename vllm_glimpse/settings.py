@@ -46,6 +46,8 @@ class ModelVariant:
     qualname: str  # "module:Class", imported lazily by vLLM's registry
     methods: tuple[str, ...]  # pruning methods implemented for it
     display_name: str
+    # method -> why it is not offered for this model (said when a user asks for it)
+    unavailable_because: Mapping[str, str] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, ModelVariant] = {
@@ -71,6 +73,22 @@ VARIANTS: dict[str, ModelVariant] = {
             "vllm_glimpse.models.llava_next:GlimpseLlavaNextForConditionalGeneration",
             ("none", "visionzip"),
             "LLaVA-NeXT",
+        ),
+        ModelVariant(
+            "Qwen3VLForConditionalGeneration",
+            "GlimpseQwen3VLForConditionalGeneration",
+            "vllm_glimpse.models.qwen3_vl:GlimpseQwen3VLForConditionalGeneration",
+            ("none", "visionzip"),
+            "Qwen3-VL",
+            {"glimpse": "no GlimpsePrune checkpoint has been released for it"},
+        ),
+        ModelVariant(
+            "Qwen2VLForConditionalGeneration",
+            "GlimpseQwen2VLForConditionalGeneration",
+            "vllm_glimpse.models.qwen2_vl:GlimpseQwen2VLForConditionalGeneration",
+            ("none", "visionzip"),
+            "Qwen2-VL",
+            {"glimpse": "no GlimpsePrune checkpoint has been released for it"},
         ),
     )
 }
@@ -239,9 +257,11 @@ class PruningConfig:
         """Check that the model supports this config; return our variant of the model."""
         variant = variant_for(hf_config)
         if self.method not in variant.methods:
+            reason = variant.unavailable_because.get(self.method)
             raise PruningSettingsError(
                 f"pruning method {self.method!r} is not available for {variant.display_name} "
-                f"({variant.base_arch}); available: {', '.join(variant.methods)}"
+                f"({variant.base_arch})" + (f": {reason}" if reason else "")
+                + f"; available: {', '.join(variant.methods)}"
             )
         if variant.base_arch.startswith("Llava"):
             vision_type = getattr(getattr(hf_config, "vision_config", None), "model_type", None)

@@ -48,7 +48,7 @@ __all__ = ["FIXTURE_VERSION", "MODEL_NAMES", "tiny_model_path", "generate", "mai
 #: Bump whenever the generator's output changes, so stale caches are not reused.
 FIXTURE_VERSION = "v1"
 
-MODEL_NAMES = ("qwen2_5_vl", "llava", "llava_next")
+MODEL_NAMES = ("qwen2_5_vl", "llava", "llava_next", "qwen3_vl", "qwen2_vl")
 
 _CACHE_ENV = "VLLM_GLIMPSE_CACHE"
 
@@ -607,10 +607,215 @@ def _build_llava(out: pathlib.Path, next_: bool) -> None:
         processor_class=proc_class, vision_feature_select_strategy="default"))
 
 
+# Qwen/Qwen3-VL-*-Instruct chat_template.json, abridged: system, user and assistant turns with
+# image, video and text parts (the tool-call and reasoning branches are left out). Unlike
+# Qwen2.5-VL there is no default system prompt.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}{%- if add_vision_id %}"
+    "{{- 'Picture ' ~ image_count.value ~ ': ' }}{%- endif %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif content['type'] == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}{%- if add_vision_id %}"
+    "{{- 'Video ' ~ video_count.value ~ ': ' }}{%- endif %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_QWEN3_VL_MEAN_STD = [0.5, 0.5, 0.5]  # Qwen3-VL's preprocessor_config.json
+
+
+def _qwen_family_files(out: pathlib.Path, tok: dict, ids: dict, chat_template: str,
+                       processor_class: str, image_processor: dict, video_processor: dict
+                       ) -> None:
+    """Tokenizer, chat template, generation and processor configs of a Qwen-VL checkpoint."""
+    _write_json(out / "generation_config.json", dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"]))
+    _write_json(out / "tokenizer.json", tok)
+    _write_json(out / "tokenizer_config.json", dict(
+        tokenizer_class="Qwen2Tokenizer", add_prefix_space=False, bos_token=None,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        errors="replace", clean_up_tokenization_spaces=False, split_special_tokens=False,
+        model_max_length=8192, padding_side="left",
+        added_tokens_decoder=_added_tokens_decoder(tok),
+        additional_special_tokens=[t for t, special in _QWEN_ADDED_TOKENS[1:] if special],
+        processor_class=processor_class, chat_template=chat_template,
+    ))
+    _write_json(out / "chat_template.json", {"chat_template": chat_template})
+    _write_json(out / "preprocessor_config.json", image_processor)
+    _write_json(out / "video_preprocessor_config.json", video_processor)
+
+
+def _qwen_family_config(arch: str, model_type: str, ids: dict, vocab: int, text: dict,
+                        vision: dict) -> dict:
+    return dict(
+        architectures=[arch], model_type=model_type, text_config=text, vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], vocab_size=vocab, tie_word_embeddings=False,
+        dtype="float32", torch_dtype="float32",
+    )
+
+
+def _build_qwen3_vl(out: pathlib.Path) -> None:
+    """``Qwen3VLForConditionalGeneration`` in the ``Qwen/Qwen3-VL-*-Instruct`` layout
+    (``model.language_model.*``, ``model.visual.*``, ``lm_head``): patch 16, a ViT of
+    full-attention blocks with three DeepStack taps, Qwen3 LLM (q/k norms) with interleaved
+    M-RoPE. A 448x448 image gives 196 image tokens."""
+    tok = _qwen_tokenizer_json()
+    vocab = _tokenizer_size(tok)
+    ids = {t: _token_id(tok, t) for t, _ in _QWEN_ADDED_TOKENS}
+    hidden, heads, head_dim = _LLM["hidden_size"], _LLM["num_attention_heads"], 64
+    vision = dict(
+        model_type="qwen3_vl", depth=4, hidden_size=128, hidden_act="gelu_pytorch_tanh",
+        intermediate_size=256, num_heads=2, in_channels=3, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=2304,
+        deepstack_visual_indexes=[0, 1, 2], initializer_range=0.02,
+    )
+    # Qwen3-VL's mrope_section [24, 20, 20] for head_dim 128, halved for head_dim 64.
+    rope = {"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True,
+            "rope_theta": 5000000.0}
+    text = dict(
+        model_type="qwen3_vl_text", vocab_size=vocab, **_LLM, num_key_value_heads=2,
+        head_dim=head_dim, hidden_act="silu", max_position_embeddings=8192,
+        initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, attention_bias=False,
+        attention_dropout=0.0, rope_parameters=rope, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False, dtype="float32",
+    )
+    config = _qwen_family_config("Qwen3VLForConditionalGeneration", "qwen3_vl", ids, vocab,
+                                 text, vision)
+    w = _Init(seed=3003)
+    prefix = "model.language_model"
+    _llm_weights(w, prefix, "lm_head", vocab, hidden, _LLM["num_hidden_layers"], heads, 2,
+                 _LLM["intermediate_size"], qkv_bias=False, no_emit=sorted(ids.values()))
+    for i in range(_LLM["num_hidden_layers"]):  # Qwen3: RMSNorm on each head's q and k
+        w.norm(f"{prefix}.layers.{i}.self_attn.q_norm", head_dim, False)
+        w.norm(f"{prefix}.layers.{i}.self_attn.k_norm", head_dim, False)
+    _qwen3_vision_weights(w, "model.visual", vision)
+
+    _write_json(out / "config.json", config)
+    _save_safetensors(out / "model.safetensors", w.tensors)
+    common = dict(
+        do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
+        image_mean=_QWEN3_VL_MEAN_STD, image_std=_QWEN3_VL_MEAN_STD, rescale_factor=1 / 255,
+        resample=3, patch_size=16, temporal_patch_size=2, merge_size=2,
+        processor_class="Qwen3VLProcessor",
+    )
+    # Smallest image: 64x64 px (4 tokens) as for the other Qwen fixtures, not the hub's 256x256.
+    _qwen_family_files(
+        out, tok, ids, QWEN3_VL_CHAT_TEMPLATE, "Qwen3VLProcessor",
+        dict(image_processor_type="Qwen2VLImageProcessorFast",
+             size={"shortest_edge": 4096, "longest_edge": 1048576}, **common),
+        dict(video_processor_type="Qwen3VLVideoProcessor", fps=2, do_sample_frames=True,
+             size={"shortest_edge": 4096, "longest_edge": 1048576}, **common))
+
+
+def _qwen3_vision_weights(w: _Init, prefix: str, v: dict) -> None:
+    h, inter, out = v["hidden_size"], v["intermediate_size"], v["out_hidden_size"]
+    m = h * v["spatial_merge_size"] ** 2
+    p = v["patch_size"]
+    w.normal(f"{prefix}.patch_embed.proj.weight",
+             (h, v["in_channels"], v["temporal_patch_size"], p, p),
+             1.0 / np.sqrt(v["in_channels"] * v["temporal_patch_size"] * p * p))
+    w.normal(f"{prefix}.patch_embed.proj.bias", (h,), 0.1)
+    w.normal(f"{prefix}.pos_embed.weight", (v["num_position_embeddings"], h), 0.5)
+    for i in range(v["depth"]):
+        b = f"{prefix}.blocks.{i}"
+        w.norm(f"{b}.norm1", h, True)
+        w.norm(f"{b}.norm2", h, True)
+        w.linear(f"{b}.attn.qkv", 3 * h, h, True)
+        w.tensors[f"{b}.attn.qkv.weight"][: 2 * h] *= _VIT_QK_GAIN
+        w.linear(f"{b}.attn.proj", h, h, True)
+        w.linear(f"{b}.mlp.linear_fc1", inter, h, True)
+        w.linear(f"{b}.mlp.linear_fc2", h, inter, True)
+    mergers = ["merger"] + [f"deepstack_merger_list.{i}"
+                            for i in range(len(v["deepstack_visual_indexes"]))]
+    for name in mergers:
+        # The DeepStack mergers normalise after the 2x2 shuffle (use_postshuffle_norm).
+        w.norm(f"{prefix}.{name}.norm", h if name == "merger" else m, True)
+        w.linear(f"{prefix}.{name}.linear_fc1", m, m, True)
+        w.linear(f"{prefix}.{name}.linear_fc2", out, m, True)
+
+
+def _build_qwen2_vl(out: pathlib.Path) -> None:
+    """``Qwen2VLForConditionalGeneration`` in the ``Qwen/Qwen2-VL-*-Instruct`` layout
+    (``model.*``, ``lm_head``, ``visual.*``): patch 14, a ViT of full-attention blocks (LayerNorm,
+    QuickGELU MLP), Qwen2 LLM with M-RoPE. A 448x448 image gives 256 image tokens."""
+    tok = _qwen_tokenizer_json()
+    vocab = _tokenizer_size(tok)
+    ids = {t: _token_id(tok, t) for t, _ in _QWEN_ADDED_TOKENS}
+    hidden = _LLM["hidden_size"]
+    vision = dict(
+        model_type="qwen2_vl", depth=4, embed_dim=128, hidden_size=hidden, hidden_act="quick_gelu",
+        mlp_ratio=2, num_heads=2, in_chans=3, in_channels=3, patch_size=14,
+        spatial_merge_size=2, spatial_patch_size=14, temporal_patch_size=2,
+        initializer_range=0.02,
+    )
+    rope = {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0}
+    text = dict(
+        model_type="qwen2_vl_text", vocab_size=vocab, **_LLM, num_key_value_heads=2,
+        hidden_act="silu", max_position_embeddings=8192, initializer_range=0.02,
+        rms_norm_eps=1e-6, use_cache=True, use_sliding_window=False, sliding_window=None,
+        max_window_layers=_LLM["num_hidden_layers"], attention_dropout=0.0,
+        rope_parameters=rope, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, dtype="float32",
+    )
+    config = _qwen_family_config("Qwen2VLForConditionalGeneration", "qwen2_vl", ids, vocab,
+                                 text, vision)
+    w = _Init(seed=2002)
+    _llm_weights(w, "model", "lm_head", vocab, hidden, _LLM["num_hidden_layers"],
+                 _LLM["num_attention_heads"], 2, _LLM["intermediate_size"], qkv_bias=True,
+                 no_emit=sorted(ids.values()))
+    e = vision["embed_dim"]
+    m = e * vision["spatial_merge_size"] ** 2
+    p = vision["patch_size"]
+    w.normal("visual.patch_embed.proj.weight", (e, 3, vision["temporal_patch_size"], p, p),
+             1.0 / np.sqrt(3 * vision["temporal_patch_size"] * p * p))
+    for i in range(vision["depth"]):
+        b = f"visual.blocks.{i}"
+        w.norm(f"{b}.norm1", e, True)
+        w.norm(f"{b}.norm2", e, True)
+        w.linear(f"{b}.attn.qkv", 3 * e, e, True)
+        w.tensors[f"{b}.attn.qkv.weight"][: 2 * e] *= _VIT_QK_GAIN
+        w.linear(f"{b}.attn.proj", e, e, True)
+        w.linear(f"{b}.mlp.fc1", e * vision["mlp_ratio"], e, True)
+        w.linear(f"{b}.mlp.fc2", e, e * vision["mlp_ratio"], True)
+    w.norm("visual.merger.ln_q", e, True)
+    w.linear("visual.merger.mlp.0", m, m, True)
+    w.linear("visual.merger.mlp.2", hidden, m, True)
+
+    _write_json(out / "config.json", config)
+    _save_safetensors(out / "model.safetensors", w.tensors)
+    pix = dict(min_pixels=3136, max_pixels=1003520)
+    common = dict(
+        do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
+        image_mean=_CLIP_MEAN, image_std=_CLIP_STD, rescale_factor=1 / 255, resample=3,
+        patch_size=14, temporal_patch_size=2, merge_size=2, **pix,
+        size={"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]},
+        processor_class="Qwen2VLProcessor",
+    )
+    _qwen_family_files(
+        out, tok, ids, QWEN2_5_VL_CHAT_TEMPLATE, "Qwen2VLProcessor",
+        dict(image_processor_type="Qwen2VLImageProcessor", **common),
+        dict(video_processor_type="Qwen2VLVideoProcessor", **common))
+
+
 _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "llava": lambda out: _build_llava(out, next_=False),
     "llava_next": lambda out: _build_llava(out, next_=True),
+    "qwen3_vl": lambda out: _build_qwen3_vl(out),
+    "qwen2_vl": lambda out: _build_qwen2_vl(out),
 }
 
 # --------------------------------------------------------------------------------------------

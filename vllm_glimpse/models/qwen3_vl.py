@@ -1,0 +1,398 @@
+"""Our variant of vLLM's Qwen3-VL: VisionZip on the ViT output, DeepStack embeddings included.
+
+ProcessingInfo and DummyInputsBuilder (vLLM's) → MultiModalProcessor (each image's placeholder
+count from the VisionZip ratios, hashes salted with the settings, per-request budgets) → Model
+(runs the ViT collecting what VisionZip reads, keeps D + C tokens per image at their original
+M-RoPE positions). With method ``none`` every piece defers to vLLM's own.
+
+What differs from Qwen2.5-VL:
+
+- Scored block. VisionZip's Qwen2.5-VL code scores on the ViT's last full-attention block,
+  ``max(fullatt_block_indexes)``, which is also the ViT's last block (the one whose output the
+  merger turns into the image tokens). Qwen3-VL's ViT has no window attention, every block is a
+  full-attention block, so the same rule picks its last block, ``depth - 1``.
+- No window reordering: the ViT's patches are already grouped by 2x2 merge group in raster
+  order of the merged tokens, so each run of 4 patches is one LLM token.
+- DeepStack. The ViT's output row for a token is its main embedding followed by one embedding
+  per DeepStack tap, concatenated on channels; vLLM adds the k-th to the output of LLM layer k
+  at the image positions. VisionZip runs on the whole row, so every DeepStack embedding is
+  selected and merged with exactly the rows (and the same member means) of the main embedding.
+- Positions: interleaved M-RoPE, but the (t, h, w) of an image token and the text after an
+  image are computed as on Qwen2.5-VL (t = 0 for images; text resumes one past the image's
+  largest axis). ``get_mrope_input_positions`` lays the prompt out as if unpruned with vLLM's
+  own code (videos included, each frame a run of tokens after its timestamp) and reads the
+  pruned prompt's positions from it; image tokens get a provisional position that
+  ``recompute_pruned_mrope_positions`` replaces once the image is encoded (its embeddings carry
+  each token's image-local (t, h, w) as 3 extra channels).
+
+Videos are not pruned. Token order: each image's kept tokens in raster order of their slots,
+each contextual token in its target's slot (the authors' Qwen order, ``order="raster"``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from vllm_glimpse.models.common import (
+    BUDGET_FIELD,
+    PruningHashMixin,
+    RequestBudgetMixin,
+    image_budgets,
+    item_budget,
+)
+from vllm_glimpse.models.qwen2_5_vl import (
+    QWEN_MAX_ASPECT_RATIO,
+    _rotated_query_key,
+    media_positions,
+    merged_scores_and_keys,
+)
+from vllm_glimpse.settings import (
+    PruningSettingsError,
+    split_request_knobs,
+    variant_for,
+    visionzip_counts,
+    visionzip_ratios,
+)
+from vllm_glimpse.visionzip import visionzip
+
+#: Channels appended to each image/video embedding row: the token's image-local (t, h, w).
+POSITION_CHANNELS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------
+
+
+class QwenFamilyVisionZipProcessorMixin(RequestBudgetMixin, PruningHashMixin):
+    """VisionZip's placeholder counts and per-request budgets for a Qwen-VL processor whose
+    images carry ``image_grid_thw``: each image takes D + C placeholders, fixed here when the
+    prompt is processed, for any image size."""
+
+    def _image_budget(self, config) -> tuple[float, float] | None:
+        return visionzip_ratios(self.info.get_hf_config(), config)
+
+    def _num_images(self, processed) -> int:
+        grid = processed.get("image_grid_thw")
+        return 0 if grid is None else len(grid)
+
+    def _unpruned_tokens(self, processed) -> list[int]:
+        merge_unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return [int(g.prod()) // merge_unit for g in processed["image_grid_thw"]]
+
+    def _check_aspect_ratios(self, mm_items) -> None:
+        """Say which image the HF processor would refuse, and why: vLLM reports its failure as
+        "Failed to apply ...Processor on data=..." without the cause."""
+        if "image" not in mm_items:
+            return
+        images = mm_items.get_items("image", ImageProcessorItems)
+        name = variant_for(self.info.get_hf_config()).display_name
+        for i in range(len(images)):
+            size = images.get_image_size(i)
+            short, long = min(size.width, size.height), max(size.width, size.height)
+            if short < 1 or long / short >= QWEN_MAX_ASPECT_RATIO:
+                raise ValueError(
+                    f"image {i + 1} is {size.width}x{size.height} px: {name} takes images whose "
+                    f"longer side is less than {QWEN_MAX_ASPECT_RATIO} times the shorter one")
+
+    def _get_prompt_updates(
+        self,
+        mm_items,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        hf_config = self.info.get_hf_config()
+        ratios = visionzip_ratios(hf_config)
+        if ratios is None:
+            return updates
+        merge_unit = hf_config.vision_config.spatial_merge_size ** 2
+        name = variant_for(hf_config).display_name
+
+        def image_replacement(item_idx: int, image_token: list[int]):
+            item = out_mm_kwargs["image"][item_idx]
+            if "image_grid_thw" not in item or "pixel_values" not in item:
+                raise ValueError(
+                    f"VisionZip on {name} needs pixel images: it scores each token by the "
+                    "ViT's attention, so precomputed image_embeds cannot be pruned"
+                )
+            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
+            item_ratios = item_budget(out_mm_kwargs, item_idx) or ratios
+            return image_token * sum(visionzip_counts(num_tokens, *item_ratios))
+
+        return [
+            PromptReplacement(
+                modality="image",
+                target=update.target,
+                replacement=lambda i, token=list(update.target): image_replacement(i, token),
+            )
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
+
+
+class GlimpseQwen3VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
+                                        Qwen3VLMultiModalProcessor):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        """Qwen3-VL's processor calls the HF processor itself (not ``_call_hf_processor``), so
+        the request's pruning keys are taken out here: the HF processor never sees them, and
+        the budget the images carry is the request's (validated like the engine's)."""
+        self._check_aspect_ratios(mm_items)
+        ours, hf_only = split_request_knobs(hf_kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, hf_only)
+        if ours and BUDGET_FIELD in processed:
+            budget = self._image_budget(self._request_config(hf_kwargs))
+            processed[BUDGET_FIELD] = torch.tensor(
+                [budget] * self._num_images(processed), dtype=torch.float64)
+        elif ours:
+            self._request_config(hf_kwargs)  # a request without images: still checked
+        return processed
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class QwenFamilyVisionZipModelMixin:
+    """VisionZip for a vLLM Qwen-VL model whose images are (t=1, h, w) grids and whose image
+    tokens get M-RoPE positions (t=0, row, column) after the image's vision-start token.
+    Subclasses define ``_vit_with_visionzip_inputs(pixel_values, grid_thw)`` and
+    ``_unpruned_mrope_input_positions(input_tokens, mm_features)``."""
+
+    visionzip_ratios: tuple[float, float] | None = None
+
+    def _init_visionzip(self, vllm_config: VllmConfig) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        self.visionzip_ratios = visionzip_ratios(hf_config)
+        # Read by the runner patch: pruned images need their positions re-placed.
+        self.needs_mrope_recompute = self.visionzip_ratios is not None
+        if self.visionzip_ratios is None:
+            return
+        if self.use_data_parallel or self.visual.blocks[0].attn.tp_size > 1:
+            raise PruningSettingsError(
+                f"visionzip on {variant_for(hf_config).display_name} needs the whole vision "
+                "encoder on one device (tensor_parallel_size 1): it scores tokens with all "
+                "attention heads")
+        # vLLM's own flag for models whose embeddings carry positions: it also keeps the
+        # encoder out of CUDA graphs, which would bypass embed_multimodal.
+        self.is_multimodal_pruning_enabled = True
+
+    def embed_multimodal(self, **kwargs: object):
+        if self.visionzip_ratios is None:
+            return super().embed_multimodal(**kwargs)
+        budgets = image_budgets(kwargs)  # per image: the request's ratios
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inputs is None:
+                continue
+            if modality == "image":
+                embeddings += self._visionzip_images(inputs, budgets)
+            else:  # videos are not pruned; they carry their positions like the images do
+                embeddings += self._videos_with_positions(inputs)
+        return embeddings
+
+    def _visionzip_images(self, image_input, budgets=None) -> tuple[torch.Tensor, ...]:
+        if image_input["type"] != "pixel_values":  # the processor refuses these first
+            raise PruningSettingsError("VisionZip needs pixel images, not image_embeds")
+        grid_thw = image_input["image_grid_thw"].tolist()
+        budgets = budgets or [self.visionzip_ratios] * len(grid_thw)
+        merged, scores, keys = self._vit_with_visionzip_inputs(
+            image_input["pixel_values"], grid_thw)
+        merge = self.visual.spatial_merge_size
+        sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
+        out = []
+        for tokens, score, key, (t, h, w), ratios in zip(
+            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw, budgets
+        ):
+            dominant, contextual = visionzip_counts(tokens.shape[0], *ratios)
+            # The authors' Qwen order: kept slots in raster order, each contextual token in its
+            # target's slot; every token at its slot's (t, h, w) position. ``tokens`` holds the
+            # whole ViT output row (main + DeepStack channels on Qwen3-VL), pruned as one.
+            result = visionzip(tokens, score, key, dominant, contextual, order="raster")
+            positions = media_positions(t, h // merge, w // merge).to(tokens.device)
+            out.append(torch.cat([result.tokens, positions[result.slots].to(tokens.dtype)], dim=1))
+        return tuple(out)
+
+    def _videos_with_positions(self, video_input) -> tuple[torch.Tensor, ...]:
+        merge = self.visual.spatial_merge_size
+        out = []
+        for emb, (t, h, w) in zip(self._process_video_input(video_input),
+                                  video_input["video_grid_thw"].tolist()):
+            positions = self._video_local_positions(t, h // merge, w // merge)
+            out.append(torch.cat([emb, positions.to(emb.device, emb.dtype)], dim=1))
+        return tuple(out)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """The pruned prompt's positions read off its unpruned layout: text and videos exactly
+        (computed by vLLM's own code), each image token provisionally at its image's first
+        position (re-placed by ``recompute_mrope_positions`` once the image is encoded)."""
+        if self.visionzip_ratios is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size
+        tokens = list(input_tokens)
+        unpruned: list[int] = []
+        index = np.empty(len(tokens), dtype=np.int64)  # each token's index in ``unpruned``
+        moved, cursor = [], 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            index[cursor:offset] = np.arange(offset - cursor) + len(unpruned)
+            unpruned += tokens[cursor:offset]
+            start = len(unpruned)
+            if feature.modality == "image":
+                _, h, w = feature.data["image_grid_thw"].data.tolist()
+                index[offset:offset + length] = start
+                length_unpruned = h * w // merge**2
+                unpruned += [self.config.image_token_id] * length_unpruned
+            else:
+                index[offset:offset + length] = np.arange(length) + start
+                length_unpruned = length
+                unpruned += tokens[offset:offset + length]
+            moved.append(types.SimpleNamespace(
+                modality=feature.modality, data=feature.data,
+                mm_position=types.SimpleNamespace(offset=start, length=length_unpruned)))
+            cursor = offset + length
+        index[cursor:] = np.arange(len(tokens) - cursor) + len(unpruned)
+        unpruned += tokens[cursor:]
+        full, _ = self._unpruned_mrope_input_positions(unpruned, moved)
+        positions = full[:, torch.from_numpy(index)]
+        # Decoding continues one past the unpruned prompt's largest position.
+        delta = int(full.max()) + 1 - len(tokens) if len(tokens) else 0
+        return positions, delta
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
+                                  num_computed_tokens):
+        if self.visionzip_ratios is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+        return recompute_pruned_mrope_positions(
+            (self.config.image_token_id, self.config.video_token_id),
+            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlimpseQwen3VLMultiModalProcessor,
+    info=Qwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class GlimpseQwen3VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
+                                             Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_visionzip(vllm_config)
+
+    def _vit_with_visionzip_inputs(self, pixel_values, grid_thw):
+        return qwen3_vit_with_visionzip_inputs(self.visual, pixel_values, grid_thw)
+
+    def _unpruned_mrope_input_positions(self, input_tokens, mm_features):
+        return Qwen3VLForConditionalGeneration._get_mrope_input_positions(
+            input_tokens=input_tokens, mm_features=mm_features, config=self.config)
+
+    @staticmethod
+    def _video_local_positions(t: int, h: int, w: int) -> torch.Tensor:
+        # Qwen3-VL lays a video out frame by frame, each frame its own run of tokens after its
+        # timestamp and vision-start token, at (0, row, column) from that run's start.
+        return media_positions(1, h, w).repeat(t, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------
+
+
+def recompute_pruned_mrope_positions(media_token_ids, input_ids, multimodal_embeddings,
+                                     mrope_positions, num_computed_tokens):
+    """Strip the position channels off this step's media embeddings and write those tokens'
+    final positions: the base of the token's run of media tokens (one past the token before
+    the run: the vision-start token) + the token's local (t, h, w) carried in the channels.
+
+    Only the media tokens gathered in this step change (the text positions are exact already):
+    the k-th embedding row of the step is the (m + k)-th media token of the prompt, m being the
+    media tokens computed before the step. (vLLM's generic ``recompute_mrope_positions``
+    re-derives everything from the step boundary and mistakes a step that starts after a
+    finished image for the continuation of that image; vLLM 0.32,
+    ``multimodal/video_prune/evs.py``.)
+    """
+    positions = mrope_positions.clone()
+    embeddings = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
+    if not multimodal_embeddings:
+        return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
+    ids = torch.as_tensor(input_ids, device=positions.device)
+    is_media = torch.zeros_like(ids, dtype=torch.bool)
+    for token_id in media_token_ids:
+        is_media |= ids == token_id
+    run_begins = is_media & ~torch.cat([is_media.new_zeros(1), is_media[:-1]])
+    run_of_token = torch.cumsum(run_begins.long(), 0) - 1
+    run_base = positions[0, torch.nonzero(run_begins).squeeze(-1) - 1] + 1
+    media_tokens = torch.nonzero(is_media).squeeze(-1)
+    first = int(is_media[:num_computed_tokens].sum())
+    local = torch.cat([mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings])
+    local = local.long().T.to(positions.device)
+    tokens = media_tokens[first:first + local.shape[1]]
+    positions[:, tokens] = run_base[run_of_token[tokens]] + local
+    return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT with VisionZip's inputs
+# --------------------------------------------------------------------------------------------
+
+
+def qwen3_vit_with_visionzip_inputs(
+    visual, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run vLLM's Qwen3-VL ViT as ``Qwen3_VisionTransformer.forward`` does and collect what
+    VisionZip reads.
+
+    Returns, per post-merger token of all images, in raster order: the ViT output row
+    [N, out_hidden * (1 + DeepStack taps)] (main embedding, then each DeepStack embedding);
+    the score, the attention the token receives in the last block (softmax probabilities
+    averaged over heads, summed over all queries of its image, averaged over its 2x2 merge
+    group) [N]; and that block's post-RoPE keys averaged over the merge group and over heads
+    [N, head_dim].
+
+    The blocks are compile-wrapped, so hooks on them do not fire: this loop runs them and
+    recomputes the scoring block's query and key from its own ``qkv`` (one extra projection).
+    """
+    scoring_block = len(visual.blocks) - 1  # every block is full attention: the last one
+    meta = visual.prepare_encoder_metadata(grid_thw)
+    hidden = visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)
+    hidden = (visual.patch_embed(hidden) + meta["pos_embeds"]).unsqueeze(1)
+    cos, sin = meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"]
+    deepstack = []
+    for index, block in enumerate(visual.blocks):
+        if index == scoring_block:
+            query, key = _rotated_query_key(block, hidden, cos, sin)
+        hidden = block(
+            hidden,
+            cu_seqlens=meta["cu_seqlens"],
+            rotary_pos_emb_cos=cos,
+            rotary_pos_emb_sin=sin,
+            max_seqlen=meta["max_seqlen"],
+            sequence_lengths=meta.get("sequence_lengths"),
+        )
+        if index in visual.deepstack_visual_indexes:
+            tap = visual.deepstack_visual_indexes.index(index)
+            deepstack.append(visual.deepstack_merger_list[tap](hidden))
+    merged = torch.cat([visual.merger(hidden)] + deepstack, dim=1)
+    sizes = [t * h * w for t, h, w in grid_thw]
+    # The patches are in merge-group order already (no windows): the identity permutation.
+    in_order = torch.arange(merged.shape[0], device=merged.device)
+    scores, keys = merged_scores_and_keys(query, key, sizes, visual.spatial_merge_unit, in_order)
+    return merged, scores, keys
