@@ -62,7 +62,7 @@ class GlimpseTokenMixin:
     counts it, the prompt gets a position for it: last + 1, on all three M-RoPE axes for Qwen);
     the model replaces its embedding with the learned one and drops it after layer K. Its id is
     the tokenizer's pad token (else EOS): any id works, the embedding is never looked up.
-    ``RequestOutput.prompt_token_ids`` therefore ends with it for such requests."""
+    The front end drops it from the prompt ids the caller sees (``stats._drop_glimpse_token``)."""
 
     def apply(self, *args, **kwargs):
         result = super().apply(*args, **kwargs)
