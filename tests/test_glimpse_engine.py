@@ -54,7 +54,7 @@ def _reference(hf, family, prompt, images, rule):
     model, processor, predictor = hf[family]
     layers = predictor.config.selected_visual_layers
     prepared = PREPARE[family](model, processor, prompt, images, layers)
-    return glimpse_generate(model, prepared, predictor, MAX_TOKENS, keep_rule=rule)
+    return glimpse_generate(model, prepared, predictor, MAX_TOKENS, keep_rule=rule), prepared
 
 
 def _scheduler(llm):
@@ -109,8 +109,10 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, f
     for i, (spec, prompt, out) in enumerate(zip(specs, prompts, outputs)):
         images = [img.build() for img in spec.images]
         request_rule = per_request[i][1] if i in per_request else keep_rule
-        want = _reference(hf, family, prompt["prompt"], images, request_rule)
+        want, prepared = _reference(hf, family, prompt["prompt"], images, request_rule)
         assert list(out.outputs[0].token_ids) == want.tokens, f"{spec}: tokens differ from the reference"
+        # the caller's prompt (as HF's processor expands it), without the appended glimpse token
+        assert list(out.prompt_token_ids) == prepared.input_ids.tolist(), spec
         stats = (out.kv_transfer_params or {}).get(STATS_KEY)
         if not images:
             assert stats is None  # text-only requests are untouched

@@ -59,6 +59,10 @@ def test_chat_completion_prunes_and_equals_reference(glimpse_server, tiny_models
     want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
                             keep_rule=KeepRule(fixed_remain_ratio=RATIO))
     assert token_ids == want.tokens
+    # the prompt as the caller sent it (HF's processor expands it the same way), without the
+    # glimpse token the engine appends; usage counts it unpruned
+    assert response.model_extra["prompt_token_ids"] == prepared.input_ids.tolist()
+    assert response.usage.prompt_tokens == prepared.input_ids.numel()
 
     stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
     assert stats["image_tokens_before"] == int(want.keep.numel())

@@ -18,7 +18,8 @@ output), and counts each request once in the Prometheus metrics on ``/metrics``:
 * ``vllm_glimpse:image_tokens_saved_total`` (counter): image tokens removed;
 * ``vllm_glimpse:image_tokens_before_total`` (counter): image tokens before pruning;
 
-labelled by ``method``. vLLM records its own metrics only with stats logging on (``vllm serve``'s
+labelled by ``method``. For a GlimpsePrune request it also drops the glimpse token from the
+prompt ids the caller sees (:func:`_drop_glimpse_token`). vLLM records its own metrics only with stats logging on (``vllm serve``'s
 default; off with ``--disable-log-stats`` and in offline ``LLM``); ours follow the same switch.
 """
 
@@ -102,6 +103,20 @@ def record_pruning_metrics(stats: dict[str, Any]) -> None:
 _STATE_ATTR = "vllm_glimpse_stats"  # on the front end's per-request RequestState
 
 
+def _drop_glimpse_token(req_state) -> None:
+    """The caller's prompt ids, without the glimpse token GlimpsePrune's processor appended to a
+    request with images (``models.common.GlimpseTokenMixin``): ``RequestOutput.prompt_token_ids``
+    and the OpenAI ``usage.prompt_tokens`` (vLLM counts that list) are then the prompt as sent.
+
+    Called once per request, when its first stats arrive: GlimpsePrune prunes in the prefill step
+    that samples the first token, so no output of the request was built before. A new list, so
+    that a front end sharing the engine core's process never shortens the engine's own copy.
+    ``prompt_len`` (vLLM's prompt-token metrics: the tokens the engine computed) is left as is."""
+    ids = req_state.prompt_token_ids
+    if ids:
+        req_state.prompt_token_ids = list(ids[:-1])
+
+
 class PruningStatsOutputProcessor(OutputProcessor):
     """vLLM's output processor, which also keeps each request's pruning stats (see module
     docstring). Installed by ``patches.report_pruning_stats_in_front_end``."""
@@ -115,8 +130,11 @@ class PruningStatsOutputProcessor(OutputProcessor):
             stats = params.get(STATS_KEY) if params else None
             known = getattr(req_state, _STATE_ATTR, None)
             if stats is not None:
-                if known is None and self.log_stats:
-                    record_pruning_metrics(stats)
+                if known is None:
+                    if self.log_stats:
+                        record_pruning_metrics(stats)
+                    if stats.get("method") == "glimpse":
+                        _drop_glimpse_token(req_state)
                 setattr(req_state, _STATE_ATTR, stats)
             elif known is not None:
                 out.kv_transfer_params = {**(params or {}), STATS_KEY: known}
