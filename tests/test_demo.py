@@ -1,0 +1,25 @@
+"""The demo's table (``bash scripts/demo.sh``) reports what the engine did: on the tiny LLaVA-1.5
+with VisionZip at the authors' 54 + 10 split, every image takes 64 of its 576 tokens, the prompt
+shrinks by the difference, and each request holds the KV blocks of its pruned prompt."""
+
+import pytest
+
+from vllm_glimpse.demo import BLOCK_SIZE, run_demo
+from vllm_glimpse.testing.workloads import mixed_batch
+
+
+@pytest.mark.slow
+def test_demo_table_counts_visionzip_on_llava(tiny_models, capsys):
+    runs, table = run_demo(["--model", "llava", "--method", "visionzip", "--max-tokens", "2"])
+    assert capsys.readouterr().out.rstrip().endswith(table)
+    (run,) = runs
+    assert run.method == "visionzip"
+    for i, (spec, row) in enumerate(zip(mixed_batch(), run.rows)):
+        images = len(spec.images)
+        assert (row.image_tokens_before, row.image_tokens_after) == (576 * images, 64 * images), spec
+        assert row.prompt_tokens_kept == row.prompt_tokens_sent - 512 * images, spec
+        assert row.kv_blocks == -(-row.prompt_tokens_kept // BLOCK_SIZE), spec
+        line = next(l for l in table.splitlines() if l.startswith(f"[{i}]"))
+        assert (f"{576 * images} -> {64 * images}" in line
+                and f"{row.prompt_tokens_sent} -> {row.prompt_tokens_kept}" in line), line
+    assert "weights are random" in table
