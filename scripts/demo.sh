@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Offline batched generation on an embedded tiny model (sets up .venv first).
+# The product on an embedded tiny model (sets up .venv first): one mixed batch through vanilla
+# vLLM, VisionZip and GlimpsePrune, with a table of what each method kept per request.
 # Extra arguments go to `python -m vllm_glimpse.demo`, e.g. --model llava --method visionzip.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
