@@ -258,7 +258,7 @@ def test_old_order_fails_against_reference(tiny_models, hf_qwen):
         assert not torch.equal(old_embeds, embeds)
         want = qwen_greedy(model, embeds, positions, MAX_TOKENS)
         differ += qwen_greedy(model, old_embeds, old_positions, MAX_TOKENS) != want
-    assert differ >= 1
+    assert differ >= 2  # 4 of the 5 image prompts on the tiny model
 
 
 def test_precomputed_image_embeds_are_refused_clearly(tiny_models):
