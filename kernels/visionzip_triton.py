@@ -14,7 +14,10 @@ Every operation has a launcher taking ``backend=``:
 
 The semantics are those of :mod:`vllm_glimpse.visionzip` (the authors' rules; see that module's
 docstring); this module only makes them run on the GPU without host synchronisation and without
-materialising the S x S attention matrix.
+materialising the S x S attention matrix. The order in which the kept tokens reach the LLM
+(dominant then contextual for LLaVA; raster order of the slots for Qwen,
+``vllm_glimpse.visionzip.place_in_raster_order``) is applied after these operations by
+``vllm_glimpse.visionzip.visionzip`` on every path, with torch index ops (no host sync either).
 
 Public API::
 
