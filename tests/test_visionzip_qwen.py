@@ -1,4 +1,6 @@
-"""VisionZip on Qwen2.5-VL: selection against the independent HF reference, M-RoPE positions of
+"""VisionZip on Qwen2.5-VL: selection and token order against the independent HF reference (the
+authors' Qwen order: kept slots in raster order, each contextual token in its target's slot),
+M-RoPE positions of
 the pruned layout against the unpruned one (through vLLM's own position recompute), and greedy
 tokens of vLLM + plugin against HF transformers + reference VisionZip on the same weights."""
 
@@ -237,8 +239,9 @@ def _dominant_first(inputs_embeds, position_ids, image_of, is_contextual):
 def test_old_order_fails_against_reference(tiny_models, hf_qwen):
     """The reference (the authors' Qwen order) and the order used before (each image's contextual
     tokens after its dominant ones, positions unchanged) feed the LLM different sequences, and
-    the LLM's greedy tokens tell them apart on the mixed batch: the order is observable, so the
-    engine test below, which matches the reference, rules the old order out."""
+    the LLM's greedy tokens tell them apart on the mixed batch: the order is observable, so
+    test_greedy_tokens_match_hf_reference, where the engine matches the reference, rules the old
+    order out."""
     from transformers import AutoTokenizer
 
     from vllm_glimpse.testing.workloads import build_request
