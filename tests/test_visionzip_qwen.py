@@ -1,8 +1,8 @@
 """VisionZip on Qwen2.5-VL: selection and token order against the independent HF reference (the
 authors' Qwen order: kept slots in raster order, each contextual token in its target's slot),
-M-RoPE positions of
-the pruned layout against the unpruned one (through vLLM's own position recompute), and greedy
-tokens of vLLM + plugin against HF transformers + reference VisionZip on the same weights."""
+M-RoPE positions of the pruned layout against the unpruned one (through vLLM's own position
+recompute), and greedy tokens of vLLM + plugin against HF transformers + reference VisionZip on
+the same weights."""
 
 import types
 
