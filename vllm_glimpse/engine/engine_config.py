@@ -50,10 +50,13 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
     from vllm.platforms import current_platform
 
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+    if parallel.pipeline_parallel_size > 1:
+        # Tensor and data parallelism work (vllm_glimpse.parallel); a pipeline stage boundary
+        # would fall between the glimpse layer K and the layers that run on the survivors.
         raise PruningSettingsError(
-            "GlimpsePrune runs on one device (tensor_parallel_size and pipeline_parallel_size 1): "
-            "the keep decision gathers every attention head of layer K"
+            "GlimpsePrune does not support pipeline parallelism (pipeline_parallel_size "
+            f"{parallel.pipeline_parallel_size}): the keep decision at layer K and the KV "
+            "compaction of layers 0..K run in one pass over all layers; use tensor_parallel_size"
         )
     if vllm_config.speculative_config is not None:
         raise PruningSettingsError("GlimpsePrune does not support speculative decoding")
@@ -118,6 +121,15 @@ def require_v1_model_runner(vllm_config) -> None:
             "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0")
 
 
+def check_parallel_layout(vllm_config) -> None:
+    """A multi-rank engine that vLLM would stop later with a less helpful message: one line now."""
+    from vllm_glimpse.parallel import cpu_thread_binding_problem
+
+    problem = cpu_thread_binding_problem(vllm_config)
+    if problem is not None:
+        raise PruningSettingsError(problem)
+
+
 class PruningEngineConfig:
     """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks), registered for our
     model variants by ``vllm_glimpse.patches.apply_glimpse_engine_settings_per_architecture``."""
@@ -127,6 +139,7 @@ class PruningEngineConfig:
         if vllm_config.model_config is None:
             return
         require_v1_model_runner(vllm_config)
+        check_parallel_layout(vllm_config)
         apply_glimpse_engine_settings(vllm_config)
         apply_visionzip_engine_settings(vllm_config)
 

@@ -13,6 +13,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
+from vllm_glimpse.parallel import sum_over_head_shards
 from vllm_glimpse.stats import TOKENS_BEFORE_FIELD
 from vllm_glimpse.settings import (
     GLIMPSE_REQUEST_KNOBS,
@@ -236,4 +237,8 @@ def clip_tower_with_visionzip_inputs(
         attention_received_scores(cls_query[i], key[i], attn.scale, reduce="sum")
         for i in range(batch)
     ])
-    return last(hidden), cls_scores, key.mean(dim=2)
+    if heads == attn.num_heads:
+        return last(hidden), cls_scores, key.mean(dim=2)
+    # Tensor parallel: this rank holds `heads` of the layer's heads; both need all of them.
+    cls_scores, key_sum = sum_over_head_shards([cls_scores, key.sum(dim=2)], heads_split=True)
+    return last(hidden), cls_scores, key_sum / attn.num_heads

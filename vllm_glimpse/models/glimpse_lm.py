@@ -42,6 +42,7 @@ from vllm_glimpse.glimpse import (
     load_glimpse_checkpoint,
     request_keep_rule,
 )
+from vllm_glimpse.parallel import gather_head_features, same_on_all_ranks
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -255,7 +256,9 @@ class GlimpseModelMixin:
                     queries[req.glimpse_row].float(), keys[rows].float(),
                     _image_index(req, keys.device), use_attention_logits=cfg.use_attention_logits))
             per_layer.append(scores)
-        return [torch.cat(layers, dim=-1) for layers in zip(*per_layer)]
+        # Tensor parallel: this rank computed its own heads; the VIP reads every head.
+        return gather_head_features([torch.cat(layers, dim=-1) for layers in zip(*per_layer)],
+                                    len(cfg.selected_layers))
 
     @staticmethod
     def _fused_scores(plan, queries, key_cache, attn, cfg) -> list[torch.Tensor]:
@@ -299,6 +302,8 @@ class GlimpseModelMixin:
         grids = [s.grid_hw for s in req.images]
         dtype = next(predictor.parameters()).dtype
         logits = predictor(attn_logits.to(dtype), [f.to(dtype) for f in vision_feats], grids)
+        # Tensor parallel: one decision for all ranks (each compacts its own KV heads).
+        logits = same_on_all_ranks(logits)
         if torch.isfinite(logits).all():
             rule = cfg.keep_rule if req.keep_overrides is None else request_keep_rule(
                 cfg, req.keep_overrides)

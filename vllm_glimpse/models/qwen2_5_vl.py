@@ -44,6 +44,7 @@ from vllm_glimpse.models.common import (
     item_budget,
 )
 from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
+from vllm_glimpse.parallel import mean_over_head_shards
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
 
@@ -135,11 +136,6 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
         # Read by the runner patch: pruned images need their positions re-placed.
         self.needs_mrope_recompute = self.visionzip_ratios is not None
         if self.visionzip_ratios is not None:
-            if self.use_data_parallel or self.visual.blocks[0].attn.tp_size > 1:
-                raise PruningSettingsError(
-                    "visionzip on Qwen2.5-VL needs the whole vision encoder on one device "
-                    "(tensor_parallel_size 1): it scores tokens with all attention heads"
-                )
             # vLLM's own flag for models whose embeddings carry positions: it also keeps the
             # encoder out of CUDA graphs, which would bypass embed_multimodal.
             self.is_multimodal_pruning_enabled = True
@@ -327,6 +323,9 @@ def qwen_vit_with_visionzip_inputs(
     merged = visual.merger(hidden)[reverse]
     sizes = [t * h * w for t, h, w in grid_thw]
     scores, keys = merged_scores_and_keys(query, key, sizes, visual.spatial_merge_unit, reverse)
+    # Tensor parallel (mm_encoder_tp_mode "weights"): this rank's means cover its heads only.
+    scores, keys = mean_over_head_shards(
+        [scores, keys], heads_split=visual.blocks[scoring_block].attn.tp_size > 1)
     return merged, scores, keys
 
 
