@@ -385,20 +385,23 @@ class KeepResult(NamedTuple):
 
 
 def _per_request(value, batch: int, dtype: torch.dtype, device, none_value) -> torch.Tensor:
-    """A rule parameter as a [B] tensor: scalars broadcast, None (also inside a sequence) becomes
-    ``none_value`` (NaN for the ratios, 0 for min_remain_num: both mean "not set")."""
+    """A rule parameter as a [B] tensor on ``device``: scalars broadcast, None (also inside a
+    sequence) becomes ``none_value`` (NaN for the ratios, 0 for min_remain_num: both mean "not
+    set"). Nothing here waits for the device: tensors are converted where they are, scalars are
+    filled on the device, sequences are copied without blocking."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.shape != (batch,):
             raise ValueError(f"a per-request rule parameter must be [B={batch}], got {tuple(value.shape)}")
-        return value.to(device=device, dtype=dtype)
+        return value.to(device=device, dtype=dtype, non_blocking=True)
     if value is None or isinstance(value, (int, float)):
-        value = [value] * batch
+        return torch.full((batch,), none_value if value is None else value, dtype=dtype,
+                          device=device)
     value = [none_value if v is None else v for v in value]
     if len(value) != batch:
         raise ValueError(f"got {len(value)} per-request rule parameters for {batch} requests")
-    return torch.tensor(value, dtype=dtype, device=device)
+    return torch.tensor(value, dtype=dtype).to(device, non_blocking=True)
 
 
 def _rule_params(batch, device, threshold, max_remain_ratio, min_remain_num, fixed_remain_ratio):
@@ -414,12 +417,13 @@ def _rule_params(batch, device, threshold, max_remain_ratio, min_remain_num, fix
 def _plan(scores: torch.Tensor, offsets: torch.Tensor, thr, max_r, min_n, fixed):
     """The per-request decisions of the rule, sync-free, in the rule's own arithmetic.
 
-    Returns (above [T] bool, use_above [B] bool, rank_limit [B] long): the keep mask is
-    ``(use_above[b] & above) | (rank < rank_limit[b])``, rank being the position in the request's
-    (logit descending, index ascending) order. Derivation from keep_rule.keep_mask:
-    fixed ratio r: top k_f = clamp(int(r N), 1, N) only; else above-threshold, replaced by the top
-    k_c = clamp(int(r N), 1, N) when kept / N > r (float64, as Python divides), then ORed with
-    the top k_m = clamp(m, 1, N) when the count so far is < m, and top(a) | top(b) = top(max).
+    Returns (x float32 [T], above [T] bool, req [T] long, use_above [B] bool, rank_limit [B]
+    long): the keep mask is ``(use_above[b] & above) | (rank < rank_limit[b])``, rank being the
+    position in the request's (logit descending, index ascending) order. Derivation from
+    keep_rule.keep_mask: fixed ratio r: top k_f = clamp(int(r N), 1, N) only; else
+    above-threshold, replaced by the top k_c = clamp(int(r N), 1, N) when kept / N > r (float64,
+    as Python divides), then ORed with the top k_m = clamp(m, 1, N) when the count so far is < m,
+    and top(a) | top(b) = top(max).
     """
     x = scores.float()
     offsets = offsets.long()
@@ -447,6 +451,20 @@ def _plan(scores: torch.Tensor, offsets: torch.Tensor, thr, max_r, min_n, fixed)
     return x, above, req, use_above, limit
 
 
+def _segment_ranks(x: torch.Tensor, req: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """int64 [T]: each token's place in its request's (logit descending, index ascending) order,
+    sync-free and O(T log T): a stable descending sort of all logits, then a stable sort of that
+    order by request (which keeps the logit order inside each request). ``x + 0.0`` turns -0.0
+    into +0.0 first, so that the two compare equal (a tie) as in the rule, whatever the sort's
+    key transform (radix sorts on CUDA order -0.0 before +0.0)."""
+    total = x.shape[0]
+    order = torch.sort(x + 0.0, descending=True, stable=True).indices
+    order = order[torch.sort(req[order], stable=True).indices]
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(total, device=x.device) - offsets[req[order]]
+    return ranks
+
+
 def keep_and_compact_reference(
     scores: torch.Tensor,
     offsets: torch.Tensor,
@@ -455,10 +473,11 @@ def keep_and_compact_reference(
     max_remain_ratio=None,
     min_remain_num=1,
     fixed_remain_ratio=None,
+    force_keep: torch.Tensor | None = None,
     trim: bool = True,
 ) -> KeepResult:
     """Torch reference: a loop over requests, ``keep_rule.keep_mask`` on each, ``nonzero``."""
-    batch, total = _check_keep_args(scores, offsets)
+    batch, total = _check_keep_args(scores, offsets, force_keep)
     bounds = offsets.tolist()
     params = [_per_request(p, batch, torch.float64, "cpu", float("nan")).tolist() for p in
               (threshold, max_remain_ratio, fixed_remain_ratio)]
@@ -474,14 +493,20 @@ def keep_and_compact_reference(
             min_remain_num=mins[b] if mins[b] > 0 else None,
             fixed_remain_ratio=None if math.isnan(fixed) else fixed))
     mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=scores.device)
+    if force_keep is not None:
+        mask = mask | force_keep.to(mask.device)
     return _compact_torch(mask, offsets, total, trim)
 
 
-def _check_keep_args(scores: torch.Tensor, offsets: torch.Tensor) -> tuple[int, int]:
+def _check_keep_args(scores: torch.Tensor, offsets: torch.Tensor,
+                     force_keep: torch.Tensor | None = None) -> tuple[int, int]:
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [T], got {tuple(scores.shape)}")
     if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.is_floating_point():
         raise ValueError(f"offsets must be an integer [B+1] tensor, got {tuple(offsets.shape)}")
+    if force_keep is not None and (force_keep.shape != scores.shape or force_keep.dtype != torch.bool):
+        raise ValueError(f"force_keep must be a bool [T={scores.shape[0]}] tensor, got "
+                         f"{force_keep.dtype} {tuple(force_keep.shape)}")
     return offsets.shape[0] - 1, scores.shape[0]
 
 
@@ -505,7 +530,7 @@ def _compact_torch(mask: torch.Tensor, offsets: torch.Tensor, total: int, trim: 
     return KeepResult(mask, kept, local, kept_offsets)
 
 
-def _keep_cpu(scores, offsets, thr, max_r, min_n, fixed, trim) -> KeepResult:
+def _keep_cpu(scores, offsets, thr, max_r, min_n, fixed, trim, force_keep=None) -> KeepResult:
     """Vectorised torch decisions (:func:`_plan`); then, only for the requests that need a top-k
     (capped, topped up or fixed), one stable descending sort of that request's logits."""
     total = scores.shape[0]
@@ -517,71 +542,51 @@ def _keep_cpu(scores, offsets, thr, max_r, min_n, fixed, trim) -> KeepResult:
         for b in needs_rank:  # ties towards the lower index, as keep_mask
             top = torch.sort(x[bounds[b]:bounds[b + 1]], descending=True, stable=True).indices
             mask[bounds[b] + top[:limits[b]]] = True
+    if force_keep is not None:
+        mask |= force_keep
     return _compact_torch(mask, offsets, total, trim)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _segment_keep_kernel(
-        x_ptr, above_ptr, req_ptr, offsets_ptr, use_above_ptr, limit_ptr, keep_ptr, T,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    def _keep_compact_kernel(
+        above_ptr, rank_ptr, force_ptr, req_ptr, offsets_ptr, use_above_ptr, limit_ptr,
+        keep_ptr, index_ptr, local_ptr, before_ptr, T,
+        HAS_FORCE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """keep[i] = (use_above[b] & above[i]) | (rank_i < limit[b]), b = req[i], with
-        rank_i = #{j in b's segment : x_j > x_i or (x_j == x_i and j < i)}: i's place in the
-        request's (logit desc, index asc) order, i.e. top-k with ties to the lower index.
-
-        A block of tokens may straddle requests: it scans the union of their segments and counts
-        only same-request j. Blocks whose requests need no ranking (limit 0) skip the scan."""
-        offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_mask = offs_i < T
-        x_i = tl.load(x_ptr + offs_i, mask=i_mask, other=0.0)
-        req_i = tl.load(req_ptr + offs_i, mask=i_mask, other=0)
-        limit = tl.load(limit_ptr + req_i, mask=i_mask, other=0)
-        lo = tl.load(offsets_ptr + tl.min(tl.where(i_mask, req_i, 2147483647), axis=0))
-        hi = tl.load(offsets_ptr + tl.max(tl.where(i_mask, req_i, -1), axis=0) + 1)
-        hi = tl.where(tl.max(limit, axis=0) > 0, hi, lo)
-        rank = tl.zeros([BLOCK_I], tl.int64)
-        for start in range(lo, hi, BLOCK_J):
-            offs_j = start + tl.arange(0, BLOCK_J)
-            j_mask = offs_j < hi
-            x_j = tl.load(x_ptr + offs_j, mask=j_mask, other=0.0)
-            req_j = tl.load(req_ptr + offs_j, mask=j_mask, other=-1)
-            higher = x_j[None, :] > x_i[:, None]
-            tied_before = (x_j[None, :] == x_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
-            ahead = (higher | tied_before) & (req_j[None, :] == req_i[:, None]) & j_mask[None, :]
-            rank += tl.sum(ahead.to(tl.int64), axis=1)
-        above = tl.load(above_ptr + offs_i, mask=i_mask, other=0) != 0
-        use_above = tl.load(use_above_ptr + req_i, mask=i_mask, other=0) != 0
-        keep = (use_above & above) | (rank < limit)
-        tl.store(keep_ptr + offs_i, keep.to(tl.int8), mask=i_mask)
-
-    @triton.jit
-    def _compact_segments_kernel(
-        keep_ptr, req_ptr, offsets_ptr, index_ptr, local_ptr, before_ptr, T, BLOCK: tl.constexpr,
-    ):
-        """Single program, a prefix sum over blocks: for every kept i, index[slot] = i and
-        local[slot] = i - offsets[req[i]] with slot = #kept before i; before[i] = #kept before i
-        for i in [0, T] (the launcher gathers kept_offsets = before[offsets] from it)."""
+        """Single program, the rule's mask fused with its stream compaction. For each token i of
+        request b = req[i]: keep[i] = (use_above[b] & above[i]) | (rank[i] < limit[b]) | force[i];
+        then a running prefix sum over blocks: for every kept i, index[slot] = i and
+        local[slot] = i - offsets[b] with slot = #kept before i; before[i] = #kept before i for
+        i in [0, T] (the launcher gathers kept_offsets = before[offsets] from it)."""
         carried = tl.full([], 0, tl.int64)
         for start in range(0, T, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < T
-            keep = tl.load(keep_ptr + offs, mask=mask, other=0).to(tl.int64)
-            inclusive = carried + tl.cumsum(keep, axis=0)
-            tl.store(before_ptr + offs, inclusive - keep, mask=mask)
             req = tl.load(req_ptr + offs, mask=mask, other=0)
+            above = tl.load(above_ptr + offs, mask=mask, other=0) != 0
+            use_above = tl.load(use_above_ptr + req, mask=mask, other=0) != 0
+            rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+            limit = tl.load(limit_ptr + req, mask=mask, other=0)
+            keep = (use_above & above) | (rank < limit)
+            if HAS_FORCE:
+                keep = keep | (tl.load(force_ptr + offs, mask=mask, other=0) != 0)
+            keep = keep & mask
+            tl.store(keep_ptr + offs, keep.to(tl.int8), mask=mask)
+            keep64 = keep.to(tl.int64)
+            inclusive = carried + tl.cumsum(keep64, axis=0)
+            tl.store(before_ptr + offs, inclusive - keep64, mask=mask)
             first = tl.load(offsets_ptr + req, mask=mask, other=0)
-            kept = (keep != 0) & mask
-            tl.store(index_ptr + inclusive - 1, offs.to(tl.int64), mask=kept)
-            tl.store(local_ptr + inclusive - 1, (offs - first).to(tl.int64), mask=kept)
-            carried += tl.sum(keep, axis=0)
+            tl.store(index_ptr + inclusive - 1, offs.to(tl.int64), mask=keep)
+            tl.store(local_ptr + inclusive - 1, (offs - first).to(tl.int64), mask=keep)
+            carried += tl.sum(keep64, axis=0)
         tl.store(before_ptr + T, carried)
 
 
 # Whether @triton.jit built interpreted functions (TRITON_INTERPRET=1 when this module was
 # imported): those run on CPU tensors; compiled kernels need CUDA tensors.
-INTERPRETED = HAS_TRITON and not isinstance(_segment_keep_kernel, triton.runtime.JITFunction)
+INTERPRETED = HAS_TRITON and not isinstance(_keep_compact_kernel, triton.runtime.JITFunction)
 
 
 def keep_and_compact(
@@ -592,10 +597,9 @@ def keep_and_compact(
     max_remain_ratio=None,
     min_remain_num=1,
     fixed_remain_ratio=None,
+    force_keep: torch.Tensor | None = None,
     trim: bool = True,
     backend: str = "auto",
-    block_i: int = 64,
-    block_j: int = 256,
     block_compact: int = 1024,
 ) -> KeepResult:
     """GlimpsePrune's keep rule on every request of a batch, then the kept tokens' indices.
@@ -606,41 +610,45 @@ def keep_and_compact(
     in tensors, NaN for an unset ratio and 0 for an unset min_remain_num); their meaning and
     defaults are :func:`vllm_glimpse.glimpse.keep_rule.keep_mask`'s, and each request's mask equals
     ``keep_mask(scores[offsets[b]:offsets[b+1]], ...)`` exactly (ties towards the lower index).
+    ``force_keep`` (bool [T], optional) is ORed in last: tokens kept whatever the rule says (the
+    authors' anchors; every token of a request whose VIP output is unusable).
 
-    Triton path: the rule's per-request decisions (sigmoid > threshold, counts, the float64
-    ratio tests, the top-k sizes) are a handful of sync-free torch ops on [T] and [B] tensors;
-    one kernel ranks each token within its request and writes the mask, a second (single program)
-    prefix-sums the mask into the kept indices. The one host sync is the ``trim`` (see
-    :class:`KeepResult`).
+    Triton path, nothing waits for the device unless ``trim``: the rule's per-request decisions
+    (sigmoid > threshold, counts, the float64 ratio tests, the top-k sizes) are a handful of torch
+    ops on [T] and [B] tensors; the ranks for the top-k come from two stable sorts of all T logits
+    (O(T log T), not a pairwise count); one Triton kernel applies the rule and prefix-sums the mask
+    into the kept indices. Pass per-request parameters as device tensors (scalars are filled on
+    the device; Python sequences are copied without blocking). ``trim=True`` reads the kept total
+    (one host synchronisation) to cut the index outputs; ``trim=False`` does not.
     """
-    batch, total = _check_keep_args(scores, offsets)
+    batch, total = _check_keep_args(scores, offsets, force_keep)
     path = _resolve(backend, scores, offsets)
     kwargs = dict(threshold=threshold, max_remain_ratio=max_remain_ratio,
                   min_remain_num=min_remain_num, fixed_remain_ratio=fixed_remain_ratio)
     if path == "torch":
-        return keep_and_compact_reference(scores, offsets, trim=trim, **kwargs)
+        return keep_and_compact_reference(scores, offsets, trim=trim, force_keep=force_keep,
+                                          **kwargs)
     params = _rule_params(batch, scores.device, **kwargs)
     if path == "cpu":
         _validate_keep_values(scores, offsets, total)
-        return _keep_cpu(scores, offsets, *params, trim)
+        return _keep_cpu(scores, offsets, *params, trim, force_keep)
     device = scores.device
     offsets64 = offsets.long().contiguous()
-    x, above, req, use_above, limit = _plan(scores, offsets64, *params)
     keep = torch.empty(total, dtype=torch.int8, device=device)
     index = torch.full((total,), -1, dtype=torch.long, device=device)
     local = torch.full((total,), -1, dtype=torch.long, device=device)
-    before = torch.empty(total + 1, dtype=torch.long, device=device)
+    before = torch.zeros(total + 1, dtype=torch.long, device=device)
     if total:
-        _segment_keep_kernel[(triton.cdiv(total, block_i),)](
-            x.contiguous(), above.to(torch.int8), req, offsets64, use_above.to(torch.int8), limit,
-            keep, total, BLOCK_I=block_i, BLOCK_J=block_j)
-        _compact_segments_kernel[(1,)](keep, req, offsets64, index, local, before, total,
-                                       BLOCK=block_compact)
-    else:
-        before.zero_()
+        x, above, req, use_above, limit = _plan(scores, offsets64, *params)
+        ranks = _segment_ranks(x, req, offsets64)
+        force = keep if force_keep is None else force_keep.view(torch.int8)  # (unread if None)
+        _keep_compact_kernel[(1,)](
+            above.view(torch.int8), ranks, force, req, offsets64, use_above.view(torch.int8),
+            limit, keep, index, local, before, total,
+            HAS_FORCE=force_keep is not None, BLOCK=block_compact)
     mask = keep.view(torch.bool)
     kept_offsets = before[offsets64]
     if trim:
-        count = int(kept_offsets[-1])  # the one host sync
+        count = int(kept_offsets[-1])  # the one host sync, asked for by trim=True
         index, local = index[:count], local[:count]
     return KeepResult(mask, index, local, kept_offsets)

@@ -344,3 +344,37 @@ def test_glimpse_attention_scores_gqa_and_log_softmax():
     ls = glimpse_attention_scores(q, keys, img, use_attention_logits=False)
     full = torch.stack([(keys[:, h // 2] @ q[h] / math.sqrt(8)).log_softmax(0) for h in range(4)], 1)
     torch.testing.assert_close(ls, full[img])  # normalised over all 10 keys, not the 4 image ones
+
+
+@pytest.mark.parametrize("family", [QWEN, LLAVA])
+def test_vip_padded_one_call_over_images_matches_reference(family):
+    """The GPU layout of the VIP's attention (all images of a batch padded into one masked call)
+    gives the reference's logits, as the per-image loop does; images of different sizes, one of a
+    single token."""
+    cfg = tiny_config(family=family)
+    m = random_predictor(cfg)
+    grid = [(3, 4), (5, 2), (1, 1), (2, 2)]
+    attn, feats = inputs(cfg, grid, seed=3)
+    ref = ref_vip(m, attn, feats, grid, image_groups(grid))
+    for padded in (True, False):
+        for block in m.attn_fuser.layers:
+            block.attn.padded_groups = padded
+        with torch.no_grad():
+            out = m(attn, feats, grid)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=f"padded={padded}")
+
+
+def test_vip_rope_in_chunks_is_exact(monkeypatch):
+    """The VIP's float32 RoPE computed a chunk of rows at a time (to bound its temporaries) gives
+    the same bits as in one piece."""
+    from vllm_glimpse.glimpse import modules
+
+    cfg = tiny_config()
+    m = random_predictor(cfg)
+    grid = [(5, 7), (3, 3)]
+    attn, feats = inputs(cfg, grid, seed=4)
+    with torch.no_grad():
+        whole = m(attn, feats, grid)
+        monkeypatch.setattr(modules, "ROPE_CHUNK_ROWS", 8)
+        chunked = m(attn, feats, grid)
+    assert torch.equal(whole, chunked)

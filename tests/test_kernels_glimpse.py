@@ -22,9 +22,12 @@ from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_un
 from vllm_glimpse.glimpse.keep_rule import keep_mask
 
 KERNELS = "vllm_glimpse.kernels.glimpse_triton"
-BACKENDS = ("triton", "torch", "cpu", "auto") if IN_CHILD else ("torch", "cpu", "auto")
+# Every backend named here is different code: "torch" (a loop over requests on the engine's
+# per-request functions), "cpu" (vectorised torch), "triton" (the kernels, child process only).
+# "auto" resolves to "cpu" on CPU tensors, so it is not listed (it would compare cpu with itself).
+BACKENDS = ("triton", "torch", "cpu") if IN_CHILD else ("torch", "cpu")
 LOGIT_BLOCKS = dict(block_n=16, block_s=16)
-KEEP_BLOCKS = dict(block_i=16, block_j=16, block_compact=16)
+KEEP_BLOCKS = dict(block_compact=16)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def gpt():
 if not IN_CHILD:
 
     def test_triton_kernels_under_interpreter():
-        run_module_under_interpreter(__file__, "backends or interpreter", min_passed=18)
+        run_module_under_interpreter(__file__, "backends or interpreter", min_passed=21)
 
     def _load_compiled_copy():
         return load_compiled_copy(KERNELS, "_glimpse_triton_compiled")
@@ -385,3 +388,44 @@ def test_logits_to_keep_end_to_end_backends(gpt):
         assert torch.equal(got_vip, vip), backend
         for field in want._fields:
             assert torch.equal(getattr(got, field), getattr(want, field)), (backend, field)
+
+
+@pytest.mark.parametrize("case", ["ties_topup", "per_request", "no_min_no_tokens_kept"])
+def test_keep_backends_force_keep(gpt, case):
+    """Tokens forced kept (anchors, a request with non-finite VIP output) are ORed in after the
+    rule, the counts and indices following."""
+    (sizes, seed, kind), kwargs = KEEP_CASES[case]
+    scores, offsets = _scores(sizes, seed, kind)
+    force = torch.rand(scores.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.2
+    bounds = offsets.tolist()
+    masks = [m | force[bounds[b]:bounds[b + 1]]
+             for b, m in enumerate(_expected_masks(scores, offsets, **kwargs))]
+    assert any(bool((f & ~m).any()) for f, m in zip(
+        force.split([b - a for a, b in zip(bounds, bounds[1:])]),
+        _expected_masks(scores, offsets, **kwargs)))  # forcing changes something
+    for backend in BACKENDS:
+        result = gpt.keep_and_compact(scores, offsets, force_keep=force, backend=backend, **kwargs,
+                                      **KEEP_BLOCKS)
+        _check_result(result, scores, offsets, masks)
+
+
+def test_segment_ranks_equal_per_request_stable_sort(gpt):
+    """The Triton path's ranks (two stable sorts over the whole batch) against each request's own
+    stable descending sort, at a size where a pairwise count would be quadratic: ties, -0.0 next
+    to +0.0, infinities, requests of 1 and 16,384 tokens, an empty one."""
+    sizes = [16384, 1, 0, 3000, 7]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(-3, 4, (sum(sizes),), generator=gen).float()
+    x[torch.rand(x.shape[0], generator=gen) < 0.3] = -0.0
+    x[::97] = float("inf")
+    x[5::101] = float("-inf")
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    req = gpt._token_requests(offsets, x.shape[0])
+    got = gpt._segment_ranks(x, req, offsets)
+    bounds = offsets.tolist()
+    for b in range(len(sizes)):
+        seg = x[bounds[b]:bounds[b + 1]] + 0.0
+        order = torch.sort(seg, descending=True, stable=True).indices
+        want = torch.empty_like(order)
+        want[order] = torch.arange(order.numel())
+        assert torch.equal(got[bounds[b]:bounds[b + 1]], want), b

@@ -5,22 +5,37 @@ the keep decision, survivor j of a request (j-th kept row) belongs at slot
 ``block_ids[j // block_size] * block_size + j % block_size``: the request's first
 ``cdiv(P', block_size)`` blocks, densely, so the tail blocks can go back to the pool.
 
-The K/V are the post-RoPE tensors the attention layers received in this step (recorded by
-:class:`AttentionRecorder`), so the survivors keep the rotary phase of their original positions.
-On GPU with FlashAttention (unquantized cache) our Triton kernel writes them
-(``kernels/kv_compaction_triton.py``) into the cache's ``(blocks, block_size, heads, D)`` views;
-anywhere else the attention backend's own cache writer does (``impl.do_kv_cache_update``): the
-CPU backend stores K/V inside a block in an ISA-dependent packed layout that only its writer
-knows. Writing from the
-recorded tensors (never cache to cache) is what makes the move safe when a survivor's new slot is
-another survivor's old one.
+Memory: nothing but the glimpse rows' queries is held while layers 0..K run. After the decision
+each layer's survivors' K/V are read back from the paged cache (:class:`PagedKV`), then written
+to their new slots; one layer's survivors at a time, every read of a layer before its first write
+(a survivor's new slot can be another survivor's old one). Reading back is exact: the cache holds
+the post-RoPE K/V the layer wrote, in the model's dtype (quantized caches are not read back).
+
+* FlashAttention (GPU, unquantized): the cache is ``[blocks, heads, block_size, 2 * D]``; its
+  ``(blocks, block_size, heads, D)`` views are read by indexing and written by our Triton kernel
+  (``kernels/kv_compaction_triton.py``).
+* CPU attention: K/V inside a block are stored in an ISA-dependent packed layout that only the
+  backend's writer (``impl.do_kv_cache_update``) knows. :func:`probe_block_layout` learns it once
+  per layer shape: it writes known index patterns through that writer into a two-block scratch
+  cache, derives where each (token, head, channel) of K and V lands inside a block, and checks the
+  result round-trips random values. Reads then gather with that permutation; writes go through
+  the backend's writer.
+* Anything else (or a probe that fails): the layers' K/V of the step are recorded while they run
+  (:class:`AttentionRecorder` with ``keep_kv``) and written from there, with the reason logged once.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from vllm_glimpse.settings import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 
 def compacted_slots(block_ids: Sequence[int], num_kept: int, block_size: int,
@@ -32,7 +47,11 @@ def compacted_slots(block_ids: Sequence[int], num_kept: int, block_size: int,
 
 
 class AttentionRecorder:
-    """Records the (query, key, value) an ``Attention`` module receives while ``active``.
+    """Records what the prune step needs from an ``Attention`` module's inputs while ``active``.
+
+    * ``query_rows`` (a row-index tensor): the query of those rows (the glimpse tokens), kept as a
+      small copy ``[len(rows), heads * D]``;
+    * ``keep_kv``: the whole K and V of the step (only when the cache cannot be read back).
 
     Installed once on the attention modules of layers 0..K (an instance-level ``forward``
     wrapper: eager mode only, which GlimpsePrune requires). Inactive, it only forwards.
@@ -41,6 +60,8 @@ class AttentionRecorder:
     def __init__(self, attn: torch.nn.Module) -> None:
         self.attn = attn
         self.active = False
+        self.query_rows: torch.Tensor | None = None
+        self.keep_kv = False
         self.query: torch.Tensor | None = None
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
@@ -48,13 +69,18 @@ class AttentionRecorder:
 
         def forward(query, key, value, *args, **kwargs):
             if self.active:
-                self.query, self.key, self.value = query, key, value
+                if self.query_rows is not None:
+                    self.query = query.index_select(0, self.query_rows)
+                if self.keep_kv:
+                    self.key, self.value = key, value
             return inner(query, key, value, *args, **kwargs)
 
         attn.forward = forward
 
     def clear(self) -> None:
         self.query = self.key = self.value = None
+        self.query_rows = None
+        self.keep_kv = False
 
 
 def flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -69,18 +95,202 @@ def flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
     return tuple(cache.transpose(1, 2).split(attn.head_size, dim=-1))
 
 
-def compact_kv(recorders: Sequence[AttentionRecorder], rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write rows ``rows`` of each recorded layer's K/V to ``slots`` of that layer's cache."""
-    if rows.numel() == 0:
-        return
-    from vllm_glimpse.kernels.kv_compaction_triton import scatter_kv_to_slots
+# -------------------------------------------------------------------------------------------------
+# Reading K/V back from a packed cache block (CPU attention)
+# -------------------------------------------------------------------------------------------------
 
-    for rec in recorders:
-        attn = rec.attn
-        key = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
-        value = rec.value.view(-1, attn.num_kv_heads, attn.head_size_v)[rows]
-        views = flash_attention_views(attn)
-        if views is not None:
-            scatter_kv_to_slots(key, value, *views, slots)
+#: Probe values are digits 1..64 (K) and -1..-64 (V): integers this small are exact in float16,
+#: bfloat16 (8 significant bits) and float32, so a value read back names its digit unambiguously.
+PROBE_DIGIT_BASE = 64
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where K/V element (row, head, channel) of a block lives among the block's elements:
+    ``key_index [block_size, heads, D]`` / ``value_index [block_size, heads, Dv]`` (int64 offsets
+    into ``cache.view(num_blocks, -1)[block]``)."""
+
+    block_size: int
+    key_index: torch.Tensor
+    value_index: torch.Tensor
+
+    def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = cache.view(cache.shape[0], -1)
+        slots = slots.long()
+        blocks = (slots // self.block_size)[:, None, None]
+        rows = slots % self.block_size
+        return flat[blocks, self.key_index[rows]], flat[blocks, self.value_index[rows]]
+
+
+def _writer(attn):
+    def write(key, value, cache, slots):
+        attn.impl.do_kv_cache_update(attn, key, value, cache, slots)
+    return write
+
+
+def probe_block_layout(write, cache_block_shape: Sequence[int], dtype: torch.dtype,
+                       device: torch.device | str, block_size: int, num_kv_heads: int,
+                       head_size: int, head_size_v: int) -> BlockLayout | str:
+    """Learn a cache writer's element layout inside one block.
+
+    ``write(key [n, heads, D], value [n, heads, Dv], cache, slots [n])`` is the backend's writer;
+    ``cache_block_shape`` the shape of one block of its cache (``kv_cache.shape[1:]``). Returns the
+    layout, or a one-line reason why the writer's layout is not a fixed per-block permutation of
+    (row, head, channel) for K and V (then the caller keeps the step's K/V instead)."""
+    block_elems = math.prod(cache_block_shape)
+    need = block_size * num_kv_heads * (head_size + head_size_v)
+    if block_elems != need:
+        return (f"a cache block holds {block_elems} elements, not block_size x heads x (D + Dv) "
+                f"= {need}")
+    scratch = torch.zeros((2, *cache_block_shape), dtype=dtype, device=device)
+    slots = torch.arange(block_size, 2 * block_size, device=device)
+    index = {  # (row, head, channel) grids for K and V
+        "key": torch.meshgrid(torch.arange(block_size), torch.arange(num_kv_heads),
+                              torch.arange(head_size), indexing="ij"),
+        "value": torch.meshgrid(torch.arange(block_size), torch.arange(num_kv_heads),
+                                torch.arange(head_size_v), indexing="ij"),
+    }
+    sizes = (block_size, num_kv_heads, max(head_size, head_size_v))
+    decoded = [torch.zeros(block_elems, dtype=torch.int64) for _ in range(3)]
+    sign = None
+    for field, size in enumerate(sizes):
+        digits = max(1, math.ceil(math.log(size, PROBE_DIGIT_BASE))) if size > 1 else 1
+        for digit in range(digits):
+            place = PROBE_DIGIT_BASE ** digit
+            k = (index["key"][field] // place % PROBE_DIGIT_BASE + 1).to(dtype)
+            v = -(index["value"][field] // place % PROBE_DIGIT_BASE + 1).to(dtype)
+            scratch.zero_()
+            write(k.to(device), v.to(device), scratch, slots)
+            if bool(scratch[0].ne(0).any()):
+                return "the writer changed a block it was given no slot in"
+            got = scratch[1].reshape(-1).float().cpu()
+            if not bool(torch.equal(got, got.round())) or bool((got == 0).any()) \
+                    or bool((got.abs() > PROBE_DIGIT_BASE).any()):
+                return "values written were not stored exactly (a quantized or transformed cache)"
+            now = got > 0
+            if sign is None:
+                sign = now
+            elif not torch.equal(sign, now):
+                return "K and V elements did not stay in place between writes"
+            decoded[field] += (got.abs().long() - 1) * place
+    rows, heads, channels = decoded
+    layout = {}
+    for name, is_kind, width in (("key", sign, head_size), ("value", ~sign, head_size_v)):
+        positions = torch.nonzero(is_kind).squeeze(-1)
+        count = block_size * num_kv_heads * width
+        if positions.numel() != count:
+            return f"{positions.numel()} elements of a block hold {name}s, expected {count}"
+        r, h, c = rows[positions], heads[positions], channels[positions]
+        if bool((r >= block_size).any() | (h >= num_kv_heads).any() | (c >= width).any()):
+            return f"a decoded {name} index is out of range"
+        flat = (r * num_kv_heads + h) * width + c
+        table = torch.full((count,), -1, dtype=torch.int64)
+        table[flat] = positions
+        if bool((table < 0).any()):
+            return f"two elements of a block hold the same {name} entry"
+        layout[name] = table.view(block_size, num_kv_heads, width).to(device)
+    result = BlockLayout(block_size, layout["key"], layout["value"])
+    # Round trip: random values through the writer come back where the layout says.
+    gen = torch.Generator().manual_seed(0)
+    key = torch.randn(block_size, num_kv_heads, head_size, generator=gen).to(dtype).to(device)
+    value = torch.randn(block_size, num_kv_heads, head_size_v, generator=gen).to(dtype).to(device)
+    scratch.zero_()
+    order = torch.randperm(block_size, generator=gen).to(device)
+    write(key[order], value[order], scratch, slots[order])
+    got_k, got_v = result.gather(scratch, slots)
+    if not (torch.equal(got_k, key) and torch.equal(got_v, value)):
+        return "random K/V written by the writer did not read back through the derived layout"
+    return result
+
+
+_LAYOUTS: dict[tuple, BlockLayout | str] = {}
+
+
+def cpu_block_layout(attn, block_size: int) -> BlockLayout | str:
+    """:func:`probe_block_layout` for a vLLM attention layer's cache, cached per layout key."""
+    cache = attn.kv_cache
+    impl = attn.impl
+    if getattr(impl, "kv_cache_dtype", "auto") != "auto":
+        return f"quantized KV cache ({impl.kv_cache_dtype})"
+    if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
+        return "the layer's cache is not one tensor"
+    if not cache[0].is_contiguous() or cache.stride(0) != cache[0].numel():
+        return "cache blocks are not contiguous"
+    key = (type(impl).__qualname__, getattr(attn, "isa", None), tuple(cache.shape[1:]),
+           cache.dtype, cache.device.type, block_size, attn.num_kv_heads, attn.head_size,
+           attn.head_size_v)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = probe_block_layout(
+            _writer(attn), cache.shape[1:], cache.dtype, cache.device, block_size,
+            attn.num_kv_heads, attn.head_size, attn.head_size_v)
+    return _LAYOUTS[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# One layer's paged K/V: read back, write
+# -------------------------------------------------------------------------------------------------
+
+
+class PagedKV:
+    """Reads and writes one attention layer's paged K/V by slot, whatever the backend."""
+
+    def __init__(self, attn, block_size: int) -> None:
+        self.attn = attn
+        self.block_size = block_size
+        self.views = flash_attention_views(attn)
+        self.layout: BlockLayout | None = None
+        self.unreadable: str | None = None  # why the cache cannot be read back
+        if self.views is None:
+            found = cpu_block_layout(attn, block_size)
+            if isinstance(found, str):
+                self.unreadable = found
+            else:
+                self.layout = found
+
+    @property
+    def readable(self) -> bool:
+        return self.unreadable is None
+
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of (key [n, heads, D], value [n, heads, Dv]) at ``slots``."""
+        if self.views is not None:
+            slots = slots.long()
+            blocks, rows = slots // self.block_size, slots % self.block_size
+            return self.views[0][blocks, rows], self.views[1][blocks, rows]
+        return self.layout.gather(self.attn.kv_cache, slots)
+
+    def read_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        if self.views is not None:
+            slots = slots.long()
+            return self.views[0][slots // self.block_size, slots % self.block_size]
+        flat = self.attn.kv_cache.view(self.attn.kv_cache.shape[0], -1)
+        slots = slots.long()
+        return flat[(slots // self.block_size)[:, None, None],
+                    self.layout.key_index[slots % self.block_size]]
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        if self.views is not None:
+            from vllm_glimpse.kernels.kv_compaction_triton import scatter_kv_to_slots
+
+            scatter_kv_to_slots(key, value, *self.views, slots)
         else:
+            attn = self.attn
             attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slots)
+
+
+def move_kv(layers: Sequence[PagedKV], recorders: Sequence[AttentionRecorder],
+            old_slots: torch.Tensor, new_slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Survivors' K/V of every layer from ``old_slots`` to ``new_slots`` (``rows``: their rows in
+    the step, for layers whose K/V were recorded instead). One layer at a time: all of a layer's
+    survivors are read (copies) before any of them is written."""
+    if new_slots.numel() == 0:
+        return
+    for kv, rec in zip(layers, recorders):
+        attn = kv.attn
+        if kv.readable:
+            key, value = kv.read(old_slots)
+        else:
+            key = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
+            value = rec.value.view(-1, attn.num_kv_heads, attn.head_size_v)[rows]
+        kv.write(key, value, new_slots)
+        del key, value

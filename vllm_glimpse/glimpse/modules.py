@@ -174,17 +174,52 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+#: Rows per chunk of the VIP's float32 RoPE: its temporaries are bounded by a chunk (about 10 MB at
+#: the released q/k width of 768) instead of growing with the batch's image tokens.
+ROPE_CHUNK_ROWS = 4096
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb_vision`` for one of q/k: ``x [N, heads, D]``."""
-    dtype = x.dtype
-    xf = x.float()
-    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    return (xf * c + _rotate_half(xf) * s).to(dtype)
+    """transformers' ``apply_rotary_pos_emb_vision`` for one of q/k: ``x [N, heads, D]``.
+    Elementwise, so computing it a chunk of rows at a time gives the same values."""
+    if x.shape[0] <= ROPE_CHUNK_ROWS:
+        xf = x.float()
+        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        return (xf * c + _rotate_half(xf) * s).to(x.dtype)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], ROPE_CHUNK_ROWS):
+        rows = slice(start, start + ROPE_CHUNK_ROWS)
+        out[rows] = _apply_rope(x[rows], cos[rows], sin[rows])
+    return out
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked softmax attention over ``[heads, N, d]`` tensors (through a batch of one)."""
     return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+
+
+def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   seq_lens: Sequence[int]) -> torch.Tensor:
+    """Attention inside each group of ``seq_lens`` consecutive tokens of ``[heads, N, d]``
+    tensors in ONE call: the groups padded to the longest, padding keys masked out, padding rows
+    dropped. What a GPU wants for a batch of images (one kernel, not one per image); the result
+    equals the per-group loop up to the kernel's float rounding."""
+    heads, n, _ = q.shape
+    lens = torch.as_tensor(list(seq_lens), device=q.device)
+    groups, longest = lens.numel(), int(max(seq_lens))
+    group = torch.repeat_interleave(torch.arange(groups, device=q.device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    slot = torch.arange(n, device=q.device) - starts[group]
+
+    def pad(t):
+        out = t.new_zeros(groups, longest, heads, t.shape[-1])
+        out[group, slot] = t.transpose(0, 1)
+        return out.transpose(1, 2)  # [groups, heads, longest, d]
+
+    valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # [groups, longest]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v),
+                                         attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2)[group, slot].transpose(0, 1)  # [heads, N, d]
 
 
 class ConditionalSelfAttention(nn.Module):
@@ -202,6 +237,10 @@ class ConditionalSelfAttention(nn.Module):
         self.hidden = hidden
         self.cond = cond
         self.fa2_value_layout = bool(fa2_value_layout and cond > 0)
+        # Several attention groups (images) in one call: padded into one attention call (None:
+        # on CUDA, where one kernel for the batch beats one per image) or one call per group
+        # (the CPU default, whose fused kernel takes no padding mask as cheaply).
+        self.padded_groups: bool | None = None
 
     def forward(
         self,
@@ -230,6 +269,8 @@ class ConditionalSelfAttention(nn.Module):
             v = F.pad(v, (0, q.shape[-1] - v_dim))
         if len(seq_lens) == 1:
             out = _attend(q, k, v)
+        elif self.padded_groups if self.padded_groups is not None else q.is_cuda:
+            out = _attend_padded(q, k, v, seq_lens)
         else:
             parts = [
                 _attend(qs, ks, vs)
@@ -325,7 +366,7 @@ class VisualImportancePredictor(nn.Module):
                 f"{list(cfg.selected_visual_layers)}), got {len(vision_feats)}"
             )
         for i, f in enumerate(vision_feats):
-            if f.shape != (n, cfg.vision_hidden_size):
+            if tuple(f.shape) != (n, cfg.vision_hidden_size):
                 raise ValueError(
                     f"vision features of layer {cfg.selected_visual_layers[i]} must be "
                     f"[{n}, {cfg.vision_hidden_size}], got {list(f.shape)}"
@@ -334,7 +375,6 @@ class VisualImportancePredictor(nn.Module):
             return attn_logits.new_zeros(0, dtype=dtype)
 
         h = self.attn_in_proj(attn_logits.to(device=device, dtype=dtype))
-        conds = [f.to(device=device, dtype=dtype) for f in vision_feats]
         cos, sin = self.rotary.cos_sin(positions)
 
         seq_lens = [int(a) * int(b) for a, b in
@@ -354,10 +394,15 @@ class VisualImportancePredictor(nn.Module):
             if sum(seq_lens) != n or min(seq_lens) <= 0:
                 raise ValueError(f"window_seqlens {seq_lens} must be positive and add up to {n} tokens")
             h, cos, sin = h[window_index], cos[window_index], sin[window_index]
-            conds = [c[window_index] for c in conds]
 
         for i, block in enumerate(self.layers):
-            h = block(h, self.cond_in_projs[i](conds[i]), cos, sin, seq_lens)
+            # One feature map at a time (a lazy sequence builds each only here): the caller's
+            # features need not all be materialised at once.
+            cond = vision_feats[i].to(device=device, dtype=dtype)
+            if window_index is not None:
+                cond = cond[window_index]
+            h = block(h, self.cond_in_projs[i](cond), cos, sin, seq_lens)
+            del cond
         out = self.attn_out_projs[-1](h).squeeze(-1)
         if window_index is not None:
             out = out[torch.argsort(window_index)]

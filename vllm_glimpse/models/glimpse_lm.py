@@ -7,11 +7,13 @@ GlimpseStepPlan` (some requests' prefill ends in it and they have images):
 1. the glimpse token (the last prompt token, appended by the processor) gets the learned
    embedding ``glimpse_embedding(0)``; before each layer l > 0 in ``le_layers`` the layer's
    embedding is added to its hidden state (docs/design.md §1, authors' ``_append_le`` / ``_try_add_le``);
-2. layers 0..K run on every token of the batch, their attention inputs recorded;
-3. per request, the glimpse query of each selected layer against the request's keys gives the
-   VIP's attention input (raw logits for Qwen, log-softmax over the request's keys for LLaVA);
-   with the vision conditions (carried as extra channels of the image embeddings) the VIP gives
-   one logit per image token and the keep rule picks the survivors;
+2. layers 0..K run on every token of the batch; only the glimpse rows' queries of the selected
+   layers are kept from them (their K/V are in the paged cache, read back from there);
+3. for all pruning requests at once: the glimpse query of each selected layer against the
+   request's keys gives the VIP's attention input (raw logits for Qwen, log-softmax over the
+   request's keys for LLaVA); with the vision conditions (carried as extra channels of the image
+   embeddings) ONE VIP call gives one logit per image token of the batch, and the keep rule picks
+   the survivors (:mod:`vllm_glimpse.engine.prune_step`: one host synchronisation per step);
 4. the survivors' K/V of layers 0..K move to compacted slots (:mod:`vllm_glimpse.engine.kv`),
    the batch shrinks to the survivors (their ORIGINAL positions kept), the runner points layers
    K+1.. at attention metadata for the short sequences, and those layers run;
@@ -29,13 +31,9 @@ import logging
 import torch
 from vllm.forward_context import get_forward_context
 
-from vllm_glimpse.engine.kv import (
-    AttentionRecorder,
-    flash_attention_views,
-    compact_kv,
-    compacted_slots,
-)
-from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
+from vllm_glimpse.engine.kv import AttentionRecorder, PagedKV, move_kv
+from vllm_glimpse.engine.plan import GlimpseStepPlan
+from vllm_glimpse.engine.prune_step import PruneBatch, build_prune_batch, decide
 from vllm_glimpse.glimpse import (
     GlimpseCheckpoint,
     glimpse_attention_scores,
@@ -65,6 +63,7 @@ class GlimpseModelMixin:
         self.__dict__["_glimpse"] = None
         self.__dict__["_glimpse_recorders"] = []
         self.__dict__["_glimpse_conds"] = None
+        self.__dict__["_glimpse_paged_kv"] = {}  # block size -> [PagedKV] of layers 0..K
 
     @property
     def glimpse_enabled(self) -> bool:
@@ -127,15 +126,16 @@ class GlimpseModelMixin:
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         """Split the vision conditions off the image embeddings (they ride along as extra
-        channels through vLLM's encoder cache) and keep them, by batch row, for the forward."""
+        channels through vLLM's encoder cache) and keep them for the forward: as views of the
+        embeddings (no copy: the encoder cache holds them anyway) with the step's multimodal row
+        mask, which maps a row to its embedding row."""
         if self.glimpse_enabled:
             self.__dict__["_glimpse_conds"] = None
             if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
                 hidden = self.config.get_text_config().hidden_size
-                conds = torch.cat([e[:, hidden:] for e in multimodal_embeddings])
+                conds = [e[:, hidden:] for e in multimodal_embeddings]
                 multimodal_embeddings = [e[:, :hidden] for e in multimodal_embeddings]
-                rows = torch.nonzero(is_multimodal).squeeze(-1)
-                self.__dict__["_glimpse_conds"] = (conds, rows)
+                self.__dict__["_glimpse_conds"] = (conds, is_multimodal)
         return super().embed_input_ids(input_ids, multimodal_embeddings,
                                        is_multimodal=is_multimodal, **kwargs)
 
@@ -165,57 +165,60 @@ class GlimpseModelMixin:
         lm = self._glimpse_text_model()
         K = cfg.reduce_layer
         num_tokens = inputs_embeds.shape[0]
-        glimpse_rows = torch.tensor([r.glimpse_row for r in plan.requests], device=inputs_embeds.device)
+        device = inputs_embeds.device
+        rules = [cfg.keep_rule if r.keep_overrides is None else
+                 request_keep_rule(cfg, r.keep_overrides) for r in plan.requests]
+        batch = build_prune_batch(plan, rules, device)
+        paged = self._glimpse_layers_kv(plan.block_size)
 
-        # 1-2. the glimpse token, layers 0..K on every token, attention inputs recorded
+        # 1-2. the glimpse token, layers 0..K on every token; kept from them: the glimpse rows'
+        # queries of the selected layers (K/V only where the cache cannot be read back)
         hidden = inputs_embeds.clone()
-        hidden[glimpse_rows] = predictor.glimpse_embedding(0).to(hidden.dtype)
+        hidden[batch.glimpse_rows] = predictor.glimpse_embedding(0).to(hidden.dtype)
         residual = None
         recorders = self.__dict__["_glimpse_recorders"]
-        for rec in recorders:
+        for idx, rec in enumerate(recorders):
+            rec.query_rows = batch.glimpse_rows if idx in cfg.selected_layers else None
+            rec.keep_kv = not paged[idx].readable
             rec.active = True
         try:
             for idx in range(K + 1):
                 if idx > 0:
                     add = predictor.glimpse_embedding(idx)
                     if add is not None:
-                        hidden[glimpse_rows] += add.to(hidden.dtype)
+                        hidden[batch.glimpse_rows] += add.to(hidden.dtype)
                 hidden, residual = lm.layers[idx](positions, hidden, residual)
         finally:
             for rec in recorders:
                 rec.active = False
 
-        # 3. the keep decision, per request
-        keep_rows = torch.ones(num_tokens, dtype=torch.bool, device=hidden.device)
-        attention_inputs = self._glimpse_attention_inputs(plan, recorders, cfg)
-        conditions = self._conditions_by_row(num_tokens)
-        for req, attn_logits in zip(plan.requests, attention_inputs):
-            result = self._decide(req, attn_logits, conditions, cfg, predictor)
-            plan.results[req.req_id] = result
-            rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
-            local = torch.zeros(req.num_prompt_tokens, dtype=torch.bool, device=hidden.device)
-            local[result.kept_rows.to(hidden.device)] = True
-            keep_rows[rows] = local
-        survivors = torch.nonzero(keep_rows).squeeze(-1)
-        new_index = torch.cumsum(keep_rows.long(), 0) - 1  # old row -> row among survivors
+        try:
+            # 3. the keep decision for every request at once
+            attn_input = self._glimpse_vip_attention_input(plan, batch, recorders, paged, cfg)
+            vip_logits = self._glimpse_vip_logits(plan, batch, attn_input, predictor, num_tokens)
+            # Tensor parallel: one decision for all ranks (each compacts its own KV heads).
+            vip_logits = same_on_all_ranks(vip_logits)
+            del attn_input
+            decision = decide(batch, vip_logits, num_tokens)
+            for req, result, nonfinite in zip(plan.requests, decision.results, decision.nonfinite):
+                plan.results[req.req_id] = result
+                if nonfinite:  # a broken checkpoint must not take the engine down
+                    logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; "
+                                   "keeping all %d image tokens", req.req_id,
+                                   result.image_tokens_before)
 
-        # 4. K/V of layers 0..K to compacted slots; layers K+1.. on the survivors
+            # 4. K/V of layers 0..K to compacted slots; layers K+1.. on the survivors
+            move_kv(paged, recorders, decision.old_slots, decision.new_slots, decision.moved_rows)
+        finally:
+            for rec in recorders:
+                rec.clear()
+        survivors = decision.survivors
         layer_names = [layer.self_attn.attn.layer_name for layer in lm.layers[K + 1:]]
         slot_mapping = get_forward_context().slot_mapping[layer_names[0]][:num_tokens]
         new_slots = slot_mapping[survivors].clone()
-        moved_rows, moved_slots = [], []
-        for req in plan.requests:
-            result = plan.results[req.req_id]
-            rows = result.kept_rows.to(hidden.device) + req.row_start
-            slots = compacted_slots(req.block_ids, result.num_kept, plan.block_size, hidden.device)
-            moved_rows.append(rows)
-            moved_slots.append(slots)
-            new_slots[new_index[rows]] = slots.to(new_slots.dtype)
-        compact_kv(recorders, torch.cat(moved_rows), torch.cat(moved_slots))
-        for rec in recorders:
-            rec.clear()
-        removed = {req.batch_index: req.num_prompt_tokens - plan.results[req.req_id].num_kept
-                   for req in plan.requests}
+        new_slots[decision.moved_survivor_index] = decision.new_slots.to(new_slots.dtype)
+        removed = {req.batch_index: req.num_prompt_tokens - result.num_kept
+                   for req, result in zip(plan.requests, decision.results)}
         plan.switch_attention(layer_names, removed, new_slots, int(survivors.numel()))
 
         hidden, residual = hidden[survivors], residual[survivors]
@@ -227,107 +230,138 @@ class GlimpseModelMixin:
         # 5. back to the step's rows; the sampler reads each request's last scheduled row
         out = hidden.new_zeros(num_tokens, hidden.shape[-1])
         out[survivors] = hidden
-        last_real = glimpse_rows - 1
-        out[glimpse_rows] = hidden[new_index[last_real]]
+        new_index = torch.cumsum(decision.keep_rows.long(), 0) - 1  # old row -> survivor row
+        out[batch.glimpse_rows] = hidden[new_index[batch.last_rows]]
         return out
 
-    def _glimpse_attention_inputs(self, plan, recorders, cfg) -> list[torch.Tensor]:
-        """Per request, the VIP's attention input ``[N_img, len(selected_layers) * heads]``: the
-        glimpse query against the image keys (raw logits), or log-softmax over all the request's
-        keys then the image columns (``use_attention_logits`` false: LLaVA).
+    def _glimpse_layers_kv(self, block_size: int) -> list[PagedKV]:
+        """Layers 0..K's paged K/V (readers/writers), built once per block size; logs once why a
+        cache cannot be read back (the step then keeps those layers' K/V while they run)."""
+        cache = self.__dict__["_glimpse_paged_kv"]
+        if block_size not in cache:
+            layers = [PagedKV(rec.attn, block_size) for rec in self.__dict__["_glimpse_recorders"]]
+            reasons = sorted({kv.unreadable for kv in layers if not kv.readable})
+            if reasons:
+                logger.warning("vllm-glimpse: the KV cache of %d of layers 0..%d cannot be read back "
+                               "(%s); the prune step keeps their K/V of the step while they run",
+                               sum(not kv.readable for kv in layers), len(layers) - 1,
+                               "; ".join(reasons))
+            cache[block_size] = layers
+        return cache[block_size]
 
-        On GPU with FlashAttention the fused kernel reads layer K's keys from the paged cache
-        (``kernels/glimpse_triton.py``, one launch per selected layer for the whole batch); on
-        CPU, whose cache layout is ISA-packed, the recorded keys of the step are used."""
-        per_layer = []
-        for layer in cfg.selected_layers:
-            rec = recorders[layer]
-            attn = rec.attn
-            queries = rec.query.view(-1, attn.num_heads, attn.head_size)
-            keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)
-            views = flash_attention_views(attn)
-            if views is not None:
-                per_layer.append(self._fused_scores(plan, queries, views[0], attn, cfg))
-                continue
-            scores = []
-            for req in plan.requests:
-                rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
-                scores.append(glimpse_attention_scores(
-                    queries[req.glimpse_row].float(), keys[rows].float(),
-                    _image_index(req, keys.device), use_attention_logits=cfg.use_attention_logits))
-            per_layer.append(scores)
+    # ---- the VIP's inputs ------------------------------------------------------------------
+
+    def _glimpse_vip_attention_input(self, plan, batch: PruneBatch, recorders, paged, cfg
+                                     ) -> torch.Tensor:
+        """The VIP's attention input for every pruning request's image tokens, requests
+        concatenated: float32 ``[T, len(selected_layers) * heads]``, layer-major (each selected
+        layer's per-head logits from :meth:`_glimpse_layer_logits`, side by side)."""
+        per_layer = [self._glimpse_layer_logits(plan, batch, recorders[layer], paged[layer], cfg)
+                     for layer in cfg.selected_layers]
         # Tensor parallel: this rank computed its own heads; the VIP reads every head.
-        return gather_head_features([torch.cat(layers, dim=-1) for layers in zip(*per_layer)],
-                                    len(cfg.selected_layers))
+        return gather_head_features([torch.cat(per_layer, dim=-1)], len(cfg.selected_layers))[0]
 
-    @staticmethod
-    def _fused_scores(plan, queries, key_cache, attn, cfg) -> list[torch.Tensor]:
-        from vllm_glimpse.kernels.glimpse_triton import glimpse_attention_logits
+    def _glimpse_layer_logits(self, plan, batch: PruneBatch, rec, kv: PagedKV, cfg) -> torch.Tensor:
+        """One selected layer: the glimpse query against every image key of every pruning
+        request, float32 ``[T, heads]`` (this layer's heads as the attention module holds them).
+        Raw logits, or log-softmax over all the request's keys then the image columns
+        (``use_attention_logits`` false: LLaVA).
 
+        GPU FlashAttention cache: the fused kernel reads the keys from the paged cache for the
+        whole batch in one launch (``kernels/glimpse_triton.py``). Elsewhere each request's keys
+        are read back from the cache (or taken from the step's recorded keys) and scored with
+        :func:`glimpse_attention_scores`, a request at a time."""
+        attn = rec.attn
+        queries = rec.query.view(-1, attn.num_heads, attn.head_size)  # [B, heads, D]
+        if kv.views is not None:
+            from vllm_glimpse.kernels.glimpse_triton import glimpse_attention_logits
+
+            return glimpse_attention_logits(
+                queries, kv.views[0], batch.block_table, batch.image_positions,
+                batch.image_offsets, attn.impl.scale,
+                seq_lens=None if cfg.use_attention_logits else batch.seq_lens)
         device = queries.device
-        glimpse_rows = torch.tensor([r.glimpse_row for r in plan.requests], device=device)
-        width = max(len(r.block_ids) for r in plan.requests)
-        block_table = torch.zeros(len(plan.requests), width, dtype=torch.int32)
-        for i, r in enumerate(plan.requests):
-            block_table[i, :len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.int32)
-        positions = [_image_index(r, "cpu") for r in plan.requests]
-        offsets = torch.tensor([0] + [p.numel() for p in positions]).cumsum(0)
-        seq_lens = None
-        if not cfg.use_attention_logits:
-            seq_lens = torch.tensor([r.num_prompt_tokens for r in plan.requests], device=device)
-        scores = glimpse_attention_logits(
-            queries[glimpse_rows], key_cache, block_table.to(device), torch.cat(positions).to(device),
-            offsets.to(device), attn.impl.scale, seq_lens=seq_lens)
-        return list(scores.split([p.numel() for p in positions]))
+        scores = []
+        offsets = batch.image_offsets.tolist()
+        for b, req in enumerate(plan.requests):
+            image_index = batch.image_positions[offsets[b]:offsets[b + 1]]
+            if cfg.use_attention_logits:  # raw logits: only the image keys are needed
+                if kv.readable:
+                    keys = kv.read_keys(batch.image_slots[offsets[b]:offsets[b + 1]])
+                else:
+                    keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[
+                        batch.image_rows[offsets[b]:offsets[b + 1]]]
+                index = torch.arange(keys.shape[0], device=device)
+            else:
+                if kv.readable:
+                    keys = kv.read_keys(batch.prompt_slots(b, device))
+                else:
+                    rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
+                    keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
+                index = image_index
+            scores.append(glimpse_attention_scores(
+                queries[b].float(), keys.float(), index,
+                use_attention_logits=cfg.use_attention_logits))
+        return torch.cat(scores)
 
-    def _conditions_by_row(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditions [M, C], row -> index into them [num_tokens], -1 for rows without)."""
-        conds = self.__dict__["_glimpse_conds"]
+    def _glimpse_vip_logits(self, plan, batch: PruneBatch, attn_input: torch.Tensor, predictor,
+                            num_tokens: int) -> torch.Tensor:
+        """ONE VIP call for every image of every pruning request: ``[T]`` logits. Attention
+        inside the VIP stays within each image, so concatenating requests changes nothing."""
+        grids = [s.grid_hw for r in plan.requests for s in r.images]
+        width = self._glimpse_vision_hidden_size()
+        features = _ConditionFeatures(self.__dict__["_glimpse_conds"], batch.image_rows, num_tokens,
+                                      width, len(predictor.config.selected_visual_layers))
+        dtype = next(predictor.parameters()).dtype
+        return predictor(attn_input.to(dtype), features, grids)
+
+
+class _LazyFeature:
+    """One vision layer's features of the batch's image tokens, built when the VIP reaches the
+    block that reads them (``.to``), so only one layer's copy exists at a time."""
+
+    def __init__(self, owner: "_ConditionFeatures", index: int) -> None:
+        self.owner, self.index = owner, index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.owner.image_rows.shape[0], self.owner.width)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.owner.build(self.index).to(*args, **kwargs)
+
+
+class _ConditionFeatures:
+    """The vision conditions of the batch's image tokens, per vision layer, as the VIP's
+    ``vision_feats`` sequence. ``conds``: (views ``[n_i, layers * width]`` of the step's
+    multimodal embeddings, the step's multimodal row mask)."""
+
+    def __init__(self, conds, image_rows: torch.Tensor, num_tokens: int, width: int,
+                 layers: int) -> None:
         if conds is None:
             raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
-        values, rows = conds
-        lookup = torch.full((num_tokens,), -1, dtype=torch.long, device=rows.device)
-        lookup[rows] = torch.arange(rows.numel(), device=rows.device)
-        return values, lookup
+        self.parts, is_multimodal = conds
+        self.image_rows, self.width, self.layers = image_rows, width, layers
+        total = sum(p.shape[0] for p in self.parts)
+        # Row -> its embedding's index among the step's multimodal rows; the identity when the
+        # pruning requests' image rows are all the step's multimodal rows.
+        self.index = None
+        if total != image_rows.shape[0]:
+            rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
+            self.index = rank[image_rows]
 
-    def _decide(self, req, attn_logits, conditions, cfg, predictor) -> PruneResult:
-        """The keep decision for one request: survivors among its prompt rows."""
-        device = attn_logits.device
-        P = req.num_prompt_tokens
-        image_index = _image_index(req, device)
-        cond_values, lookup = conditions
-        feats = cond_values[lookup[(image_index + req.row_start).to(lookup.device)]]
-        width = self._glimpse_vision_hidden_size()
-        vision_feats = list(feats.split(width, dim=-1))
-        grids = [s.grid_hw for s in req.images]
-        dtype = next(predictor.parameters()).dtype
-        logits = predictor(attn_logits.to(dtype), [f.to(dtype) for f in vision_feats], grids)
-        # Tensor parallel: one decision for all ranks (each compacts its own KV heads).
-        logits = same_on_all_ranks(logits)
-        if torch.isfinite(logits).all():
-            rule = cfg.keep_rule if req.keep_overrides is None else request_keep_rule(
-                cfg, req.keep_overrides)
-            keep = rule(logits, grids[0] if len(grids) == 1 else None)
-        else:  # a broken checkpoint must not take the engine down: this request is not pruned
-            logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; keeping all "
-                           "%d image tokens", req.req_id, logits.numel())
-            keep = torch.ones(logits.numel(), dtype=torch.bool, device=logits.device)
-        keep_local = torch.ones(P - 1, dtype=torch.bool, device=device)  # the glimpse row goes
-        keep_local[image_index] = keep.to(device)
-        # The sampler reads the last real token's hidden state: it always stays (the authors'
-        # prompts end with text; this matters only for a prompt ending in an image token).
-        keep_local[-1] = True
-        sizes = [s.length for s in req.images]
-        kept_per_image = [int(m.sum()) for m in torch.split(keep_local[image_index], sizes)]
-        return PruneResult(
-            kept_rows=torch.nonzero(keep_local).squeeze(-1).cpu(),
-            num_prompt_tokens=P,
-            image_tokens_before=int(image_index.numel()),
-            image_tokens_after=sum(kept_per_image),
-            kept_per_image=kept_per_image,
-        )
+    def __len__(self) -> int:
+        return self.layers
 
+    def __getitem__(self, i: int) -> _LazyFeature:
+        if not 0 <= i < self.layers:
+            raise IndexError(i)
+        return _LazyFeature(self, i)
 
-def _image_index(req, device) -> torch.Tensor:
-    """Rows of the request's prompt that are image tokens (all its images, in order)."""
-    return torch.cat([torch.arange(s.offset, s.offset + s.length) for s in req.images]).to(device)
+    def __iter__(self):
+        return (self[i] for i in range(self.layers))
+
+    def build(self, i: int) -> torch.Tensor:
+        cols = slice(i * self.width, (i + 1) * self.width)
+        feats = torch.cat([p[:, cols] for p in self.parts])
+        return feats if self.index is None else feats[self.index]
