@@ -19,7 +19,7 @@ def test_demo_table_counts_visionzip_on_llava(tiny_models, capsys):
         assert (row.image_tokens_before, row.image_tokens_after) == (576 * images, 64 * images), spec
         assert row.prompt_tokens_kept == row.prompt_tokens_sent - 512 * images, spec
         assert row.kv_blocks == -(-row.prompt_tokens_kept // BLOCK_SIZE), spec
-        line = next(l for l in table.splitlines() if l.startswith(f"[{i}]"))
+        line = next(t for t in table.splitlines() if t.startswith(f"[{i}]"))
         assert (f"{576 * images} -> {64 * images}" in line
                 and f"{row.prompt_tokens_sent} -> {row.prompt_tokens_kept}" in line), line
     assert "weights are random" in table

@@ -138,10 +138,12 @@ def _visionzip_counts(config, processor, images, budget):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"glimpse_threshold": 1.5}, "mm_processor_kwargs: glimpse_threshold must be in [0.0, 1.0], got 1.5"),
+    ({"glimpse_threshold": 1.5},
+     "mm_processor_kwargs: glimpse_threshold must be in [0.0, 1.0], got 1.5"),
     ({"glimpse_max_ratio": 0}, "glimpse_max_ratio must be in (0.0, 1.0]"),
     ({"glimpse_fixed_ratio": 0.3, "glimpse_threshold": 0.2},
-     "glimpse_fixed_ratio keeps exactly int(fixed_ratio * N) tokens, so it cannot be combined with glimpse_threshold"),
+     "glimpse_fixed_ratio keeps exactly int(fixed_ratio * N) tokens, so it cannot be combined "
+     "with glimpse_threshold"),
     ({"glimpse_layer": 1}, "glimpse_layer is an engine setting (--glimpse-layer); a request may set "
                            "glimpse_threshold, glimpse_max_ratio, glimpse_min_keep, glimpse_fixed_ratio"),
     ({"glimpse_checkpoint": "/elsewhere"}, "glimpse_checkpoint is an engine setting"),
@@ -149,7 +151,8 @@ def _visionzip_counts(config, processor, images, budget):
     ({"glimpse_ratio": 0.2}, "mm_processor_kwargs: unknown setting 'glimpse_ratio' (a request may "
                              "set glimpse_threshold, glimpse_max_ratio, glimpse_min_keep, "
                              "glimpse_fixed_ratio)"),
-    ({"visionzip_dominant": 54}, "'visionzip_dominant' does not apply: this engine runs pruning method 'glimpse'"),
+    ({"visionzip_dominant": 54},
+     "'visionzip_dominant' does not apply: this engine runs pruning method 'glimpse'"),
 ])
 def test_bad_glimpse_request_settings_are_refused(tiny_models, tmp_path, overrides, message):
     from transformers import AutoConfig

@@ -25,9 +25,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 #: Methods of ``--method all``, in the order the table lists them.
 ALL_METHODS = ("vanilla", "visionzip", "glimpse")

@@ -18,9 +18,11 @@ output), and counts each request once in the Prometheus metrics on ``/metrics``:
 * ``vllm_glimpse:image_tokens_saved_total`` (counter): image tokens removed;
 * ``vllm_glimpse:image_tokens_before_total`` (counter): image tokens before pruning;
 
-labelled by ``method``. For a GlimpsePrune request it also drops the glimpse token from the
-prompt ids the caller sees (:func:`_drop_glimpse_token`). vLLM records its own metrics only with stats logging on (``vllm serve``'s
+labelled by ``method``. vLLM records its own metrics only with stats logging on (``vllm serve``'s
 default; off with ``--disable-log-stats`` and in offline ``LLM``); ours follow the same switch.
+
+For a GlimpsePrune request it also drops the glimpse token from the prompt ids the caller sees
+(:func:`_drop_glimpse_token`).
 """
 
 from __future__ import annotations
