@@ -69,7 +69,7 @@ def visionzip_image(visual, pixel_values, grid_thw, dominant_ratio, contextual_r
     """
     image_embeds, deepstack, q, k = vit_capture(visual, pixel_values, grid_thw)
     features = [image_embeds, *deepstack]
-    seq, unit = q.shape[1], visual.spatial_merge_unit
+    seq, unit = q.shape[1], visual.config.spatial_merge_size ** 2
     scaling = q.shape[-1] ** -0.5
     logits = torch.softmax(q @ k.transpose(1, 2) * scaling, dim=-1)  # one image: full S x S
     attn_logits = logits.mean(dim=0).sum(dim=0).view(seq // unit, unit).mean(dim=-1)
@@ -148,7 +148,7 @@ def prefill(model, processor, prompt, images, dominant_ratio, contextual_ratio):
     for grid in (inputs.image_grid_thw if images else []):
         grid = grid[None]
         num_patches = int(grid.prod())
-        num_image_tokens = num_patches // lm.visual.spatial_merge_unit
+        num_image_tokens = num_patches // lm.visual.config.spatial_merge_size ** 2
         first = next(i for i in image_starts if i >= first)
         span = slice(first, first + num_image_tokens)
         features, select_mask, contexual_input_idx, contextual_tokens = visionzip_image(

@@ -202,7 +202,7 @@ class QwenFamilyVisionZipModelMixin:
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if inputs is None:
                 continue
-            if modality == "image":
+            if modality.startswith("image"):  # "image" on Qwen3-VL, "images" on Qwen2-VL
                 embeddings += self._visionzip_images(inputs, budgets)
             else:  # videos are not pruned; they carry their positions like the images do
                 embeddings += self._videos_with_positions(inputs)
