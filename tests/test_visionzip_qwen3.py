@@ -38,7 +38,7 @@ def hf(path):
 
 @pytest.fixture(scope="module")
 def engine(path):
-    llm = make_llm(path, method="visionzip")
+    llm = make_llm(path, method="visionzip", limit_mm_per_prompt={"image": 2, "video": 1})
     yield llm
     shutdown(llm)
 
@@ -277,6 +277,31 @@ def test_placeholder_counts_are_fixed_at_prompt_processing(engine):
         grid = processor.image_processor(images=[spec.images[0].build()]).image_grid_thw[0]
         n = int(grid.prod()) // 4
         assert output.prompt_token_ids.count(image_token) == sum(visionzip_counts(n, *DEFAULT))
+
+
+@pytest.mark.slow
+def test_video_passes_through_unpruned(engine, hf):
+    """A video (4 frames, 2 after the temporal merge, each its own run of tokens after its
+    timestamp) is not pruned: vLLM + plugin decodes exactly as transformers' generate."""
+    from transformers.video_utils import VideoMetadata
+    from vllm import SamplingParams
+
+    model, processor = hf
+    frames = np.stack([np.asarray(ImageSpec("gradient", 96, 64, s).build()) for s in range(4)])
+    timing = dict(fps=2.0, duration=2.0, total_num_frames=4, frames_indices=[0, 1, 2, 3],
+                  video_backend="opencv")
+    messages = [{"role": "user", "content": [{"type": "video"},
+                                             {"type": "text", "text": "What happens?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[prompt], videos=[frames], video_metadata=[VideoMetadata(**timing)],
+                       do_sample_frames=False, return_tensors="pt")
+    want = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    request = {"prompt": prompt,
+               "multi_modal_data": {"video": (frames, {**timing, "do_sample_frames": False})}}
+    (output,) = engine.generate([request], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                          ignore_eos=True), use_tqdm=False)
+    assert list(output.outputs[0].token_ids) == want[0, inputs.input_ids.shape[1]:].tolist()
+    assert len(output.prompt_token_ids) == inputs.input_ids.shape[1]
 
 
 def test_glimpse_is_refused_at_startup_in_one_line(path, tmp_path):
