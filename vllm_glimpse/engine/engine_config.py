@@ -66,6 +66,14 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
     _set(sched, "enable_chunked_prefill", False,
          "a request's images and glimpse token must be computed in one step")
     if sched.max_num_batched_tokens < model_config.max_model_len:
+        # The least vLLM accepts with chunked prefill off, and what one request can need: its
+        # whole prompt (up to max_model_len tokens) in one step.
+        logger.info(
+            "vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): a request's whole "
+            "prompt, up to max_model_len=%d tokens, must be computed in one step (chunked prefill "
+            "off); vLLM profiles activations (and the prune step) for that many tokens, so set "
+            "max_model_len to the longest prompt you serve to keep them small",
+            model_config.max_model_len, sched.max_num_batched_tokens, model_config.max_model_len)
         sched.max_num_batched_tokens = model_config.max_model_len
         sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens,
                                                  model_config.max_model_len)

@@ -102,6 +102,9 @@ def flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
 #: Probe values are digits 1..64 (K) and -1..-64 (V): integers this small are exact in float16,
 #: bfloat16 (8 significant bits) and float32, so a value read back names its digit unambiguously.
 PROBE_DIGIT_BASE = 64
+#: Slots per chunk when gathering from packed blocks: bounds the int64 element-index temporaries
+#: (8 bytes x heads x D per slot, 1 MB per chunk at 4 x 128).
+GATHER_CHUNK_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,22 @@ class BlockLayout:
     value_index: torch.Tensor
 
     def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather_one(cache, slots, self.key_index), \
+            self.gather_one(cache, slots, self.value_index)
+
+    def gather_one(self, cache: torch.Tensor, slots: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+        """``cache``'s elements ``index[slot % block_size]`` of block ``slot // block_size``, for
+        each slot: ``[n, heads, D]``. The element indices are int64, 4x the size of bf16 K/V, so
+        they are built a chunk of slots at a time (bounded memory, whatever n)."""
         flat = cache.view(cache.shape[0], -1)
         slots = slots.long()
-        blocks = (slots // self.block_size)[:, None, None]
-        rows = slots % self.block_size
-        return flat[blocks, self.key_index[rows]], flat[blocks, self.value_index[rows]]
+        out = flat.new_empty(slots.shape[0], *index.shape[1:])
+        for start in range(0, slots.shape[0], GATHER_CHUNK_SLOTS):
+            part = slots[start:start + GATHER_CHUNK_SLOTS]
+            out[start:start + part.shape[0]] = flat[(part // self.block_size)[:, None, None],
+                                                    index[part % self.block_size]]
+        return out
 
 
 def _writer(attn):
@@ -234,10 +248,13 @@ def cpu_block_layout(attn, block_size: int) -> BlockLayout | str:
 class PagedKV:
     """Reads and writes one attention layer's paged K/V by slot, whatever the backend."""
 
-    def __init__(self, attn, block_size: int) -> None:
+    def __init__(self, attn, block_size: int,
+                 views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``attn``: vLLM's attention layer; or ``views`` alone: plain ``[blocks, block_size,
+        heads, D]`` key and value caches (FlashAttention's layout, as in the benchmarks)."""
         self.attn = attn
         self.block_size = block_size
-        self.views = flash_attention_views(attn)
+        self.views = views if views is not None else flash_attention_views(attn)
         self.layout: BlockLayout | None = None
         self.unreadable: str | None = None  # why the cache cannot be read back
         if self.views is None:
@@ -263,10 +280,7 @@ class PagedKV:
         if self.views is not None:
             slots = slots.long()
             return self.views[0][slots // self.block_size, slots % self.block_size]
-        flat = self.attn.kv_cache.view(self.attn.kv_cache.shape[0], -1)
-        slots = slots.long()
-        return flat[(slots // self.block_size)[:, None, None],
-                    self.layout.key_index[slots % self.block_size]]
+        return self.layout.gather_one(self.attn.kv_cache, slots, self.layout.key_index)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         if self.views is not None:
@@ -286,10 +300,10 @@ def move_kv(layers: Sequence[PagedKV], recorders: Sequence[AttentionRecorder],
     if new_slots.numel() == 0:
         return
     for kv, rec in zip(layers, recorders):
-        attn = kv.attn
         if kv.readable:
             key, value = kv.read(old_slots)
         else:
+            attn = kv.attn
             key = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
             value = rec.value.view(-1, attn.num_kv_heads, attn.head_size_v)[rows]
         kv.write(key, value, new_slots)

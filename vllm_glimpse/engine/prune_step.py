@@ -22,8 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from vllm_glimpse.engine.kv import PagedKV
 from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
+from vllm_glimpse.glimpse.config import GlimpseConfig
 from vllm_glimpse.glimpse.keep_rule import ANCHOR_NAMES, KeepRule
+from vllm_glimpse.glimpse.modules import ROPE_CHUNK_ROWS, glimpse_attention_scores
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -228,3 +231,66 @@ def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
         new_slots=_to(device, np.concatenate(new_slots), torch.long),
         moved_survivor_index=_to(device, survivor_index[moved_rows], torch.long),
     )
+
+
+def glimpse_layer_logits(batch: PruneBatch, queries: torch.Tensor, kv: PagedKV, *, scale: float,
+                         use_attention_logits: bool,
+                         recorded_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """One selected layer: each request's glimpse query ``queries [B, heads, D]`` against its
+    image keys, float32 ``[T, heads]``; raw logits, or log-softmax over all the request's keys
+    then the image columns (``use_attention_logits`` false: LLaVA).
+
+    Plain (FlashAttention) cache: the fused kernel reads the keys from the paged cache for the
+    whole batch in one launch (``kernels/glimpse_triton.py``, with ``scale``). Otherwise each
+    request's keys are read back from the cache (or taken from ``recorded_keys [rows, kv_heads,
+    D]``, the step's keys, when the cache cannot be read) and scored by
+    :func:`glimpse_attention_scores` (scale 1/sqrt(D), the authors'), a request at a time."""
+    if kv.views is not None:
+        from vllm_glimpse.kernels.glimpse_triton import glimpse_attention_logits
+
+        return glimpse_attention_logits(
+            queries, kv.views[0], batch.block_table, batch.image_positions, batch.image_offsets,
+            scale, seq_lens=None if use_attention_logits else batch.seq_lens)
+    device = queries.device
+    offsets = batch.image_offsets.tolist()
+    scores = []
+    for b in range(batch.num_requests):
+        image = slice(offsets[b], offsets[b + 1])
+        if use_attention_logits:  # raw logits: only the image keys are needed
+            keys = (kv.read_keys(batch.image_slots[image]) if recorded_keys is None
+                    else recorded_keys[batch.image_rows[image]])
+            index = torch.arange(keys.shape[0], device=device)
+        else:
+            if recorded_keys is None:
+                keys = kv.read_keys(batch.prompt_slots(b, device))
+            else:
+                start = int(batch.row_starts[b])
+                keys = recorded_keys[start:start + int(batch.num_prompt[b])]
+            index = batch.image_positions[image]
+        scores.append(glimpse_attention_scores(queries[b].float(), keys.float(), index,
+                                               use_attention_logits=use_attention_logits))
+    return torch.cat(scores)
+
+
+def prune_step_peak_bytes(num_tokens: int, cfg: GlimpseConfig, *, num_kv_heads: int,
+                          head_size: int, elem_size: int, kv_recorded: bool) -> int:
+    """An upper bound of the bytes the prune step allocates for a step of ``num_tokens`` tokens,
+    all of them image tokens of pruning requests (the worst case), summed over its phases (which
+    do not all live at once): the keys read back for scoring (and their float32 copy), the
+    glimpse logits (float32, and a copy in the VIP's dtype), the
+    VIP's activations (per token: its hidden state, one layer's vision features and their
+    projection, q / k / v / attention output at the q/k width, the MLP's three tensors, with
+    float32 RoPE temporaries bounded by :data:`ROPE_CHUNK_ROWS` rows), the keep rule's per-token
+    tensors (float32 and int64, a dozen), and one layer's survivors' K/V read back for the move.
+    ``kv_recorded``: the cache cannot be read back, so K and V of layers 0..K are held instead."""
+    T, e = num_tokens, elem_size
+    fuse, cond = cfg.attn_fuse_size, cfg.visual_cond_size
+    qk = fuse + cond
+    logits = T * len(cfg.selected_layers) * cfg.num_attention_heads * (4 + e)
+    keys = T * num_kv_heads * head_size * (e + 4)  # keys read back for scoring, and in float32
+    vip = T * e * (4 * fuse + 2 * cfg.vision_hidden_size + cond + 6 * qk + 3 * 2 * fuse)
+    rope = min(T, ROPE_CHUNK_ROWS) * qk * 4 * 5
+    keep = T * (4 * 3 + 8 * 12)
+    move = T * 2 * num_kv_heads * head_size * e
+    held = T * (cfg.reduce_layer + 1) * 2 * num_kv_heads * head_size * e if kv_recorded else 0
+    return logits + keys + vip + rope + keep + move + held

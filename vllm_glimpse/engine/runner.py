@@ -182,6 +182,21 @@ class GlimpseRunnerMixin:
                 context.attn_metadata[name] = metadata
                 context.slot_mapping[name] = slot_mapping
 
+    def profile_run(self, *args, **kwargs):
+        """vLLM sizes the KV cache from the peak memory of this dummy forward, which never
+        prunes: the prune step's own peak beyond what the dummy forward already reaches is held
+        in a reservation meanwhile (:meth:`GlimpseModelMixin.glimpse_profile_reserve_bytes`)."""
+        model = self._glimpse_model
+        nbytes = model.glimpse_profile_reserve_bytes(self.max_num_tokens) if model is not None else 0
+        reserve = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if nbytes else None
+        if nbytes:
+            logger.info("vllm-glimpse: memory profiling holds %.1f MiB for the prune step of a "
+                        "%d-token step", nbytes / 2**20, self.max_num_tokens)
+        try:
+            return super().profile_run(*args, **kwargs)
+        finally:
+            del reserve
+
     def _model_forward(self, *args, **kwargs):
         try:
             return super()._model_forward(*args, **kwargs)

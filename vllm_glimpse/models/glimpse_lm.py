@@ -33,13 +33,14 @@ from vllm.forward_context import get_forward_context
 
 from vllm_glimpse.engine.kv import AttentionRecorder, PagedKV, move_kv
 from vllm_glimpse.engine.plan import GlimpseStepPlan
-from vllm_glimpse.engine.prune_step import PruneBatch, build_prune_batch, decide
-from vllm_glimpse.glimpse import (
-    GlimpseCheckpoint,
-    glimpse_attention_scores,
-    load_glimpse_checkpoint,
-    request_keep_rule,
+from vllm_glimpse.engine.prune_step import (
+    PruneBatch,
+    build_prune_batch,
+    decide,
+    glimpse_layer_logits,
+    prune_step_peak_bytes,
 )
+from vllm_glimpse.glimpse import GlimpseCheckpoint, load_glimpse_checkpoint, request_keep_rule
 from vllm_glimpse.parallel import gather_head_features, same_on_all_ranks
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
@@ -117,6 +118,31 @@ class GlimpseModelMixin:
         ]
         logger.info("vllm-glimpse: GlimpsePrune checkpoint %s loaded (prune after layer %d, %s)",
                     ckpt.directory, cfg.reduce_layer, cfg.keep_rule)
+
+    def glimpse_profile_reserve_bytes(self, num_tokens: int) -> int:
+        """Bytes vLLM's memory profiling must hold for the prune step of a ``num_tokens`` step,
+        beyond the dummy forward's own peak. The prune step runs between two decoder layers,
+        when no MLP activations are alive; vLLM's gated MLP holds its gate/up output and the
+        activated half together (3 x intermediate values per token), which the dummy forward
+        already reached. Where the cache cannot be read back (any backend but FlashAttention,
+        before the cache exists to be probed) the K/V of layers 0..K held during the step are
+        counted in full, as they live across those MLPs."""
+        if not self.glimpse_enabled or self.glimpse_checkpoint is None:
+            return 0
+        cfg = self.glimpse_checkpoint.config
+        recorder = self.__dict__["_glimpse_recorders"][0]
+        attn = recorder.attn
+        text = self.config.get_text_config()
+        elem = next(self._glimpse_text_model().parameters()).element_size()
+        readable = (type(attn.impl).__name__ == "FlashAttentionImpl"
+                    and attn.impl.kv_cache_dtype == "auto")
+        peak = prune_step_peak_bytes(num_tokens, cfg, num_kv_heads=attn.num_kv_heads,
+                                     head_size=attn.head_size, elem_size=elem,
+                                     kv_recorded=not readable)
+        held = 0 if readable else (cfg.reduce_layer + 1) * num_tokens * 2 * attn.num_kv_heads \
+            * attn.head_size * elem
+        mlp = num_tokens * 3 * text.intermediate_size * elem
+        return max(held, peak - mlp)
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -262,47 +288,14 @@ class GlimpseModelMixin:
         return gather_head_features([torch.cat(per_layer, dim=-1)], len(cfg.selected_layers))[0]
 
     def _glimpse_layer_logits(self, plan, batch: PruneBatch, rec, kv: PagedKV, cfg) -> torch.Tensor:
-        """One selected layer: the glimpse query against every image key of every pruning
-        request, float32 ``[T, heads]`` (this layer's heads as the attention module holds them).
-        Raw logits, or log-softmax over all the request's keys then the image columns
-        (``use_attention_logits`` false: LLaVA).
-
-        GPU FlashAttention cache: the fused kernel reads the keys from the paged cache for the
-        whole batch in one launch (``kernels/glimpse_triton.py``). Elsewhere each request's keys
-        are read back from the cache (or taken from the step's recorded keys) and scored with
-        :func:`glimpse_attention_scores`, a request at a time."""
+        """One selected layer's glimpse logits, float32 ``[T, heads]`` for this layer's heads as
+        the attention module holds them (:func:`glimpse_layer_logits`: from the paged cache)."""
         attn = rec.attn
         queries = rec.query.view(-1, attn.num_heads, attn.head_size)  # [B, heads, D]
-        if kv.views is not None:
-            from vllm_glimpse.kernels.glimpse_triton import glimpse_attention_logits
-
-            return glimpse_attention_logits(
-                queries, kv.views[0], batch.block_table, batch.image_positions,
-                batch.image_offsets, attn.impl.scale,
-                seq_lens=None if cfg.use_attention_logits else batch.seq_lens)
-        device = queries.device
-        scores = []
-        offsets = batch.image_offsets.tolist()
-        for b, req in enumerate(plan.requests):
-            image_index = batch.image_positions[offsets[b]:offsets[b + 1]]
-            if cfg.use_attention_logits:  # raw logits: only the image keys are needed
-                if kv.readable:
-                    keys = kv.read_keys(batch.image_slots[offsets[b]:offsets[b + 1]])
-                else:
-                    keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[
-                        batch.image_rows[offsets[b]:offsets[b + 1]]]
-                index = torch.arange(keys.shape[0], device=device)
-            else:
-                if kv.readable:
-                    keys = kv.read_keys(batch.prompt_slots(b, device))
-                else:
-                    rows = slice(req.row_start, req.row_start + req.num_prompt_tokens)
-                    keys = rec.key.view(-1, attn.num_kv_heads, attn.head_size)[rows]
-                index = image_index
-            scores.append(glimpse_attention_scores(
-                queries[b].float(), keys.float(), index,
-                use_attention_logits=cfg.use_attention_logits))
-        return torch.cat(scores)
+        recorded = None if kv.readable else rec.key.view(-1, attn.num_kv_heads, attn.head_size)
+        return glimpse_layer_logits(batch, queries, kv, scale=attn.impl.scale,
+                                    use_attention_logits=cfg.use_attention_logits,
+                                    recorded_keys=recorded)
 
     def _glimpse_vip_logits(self, plan, batch: PruneBatch, attn_input: torch.Tensor, predictor,
                             num_tokens: int) -> torch.Tensor:
