@@ -83,6 +83,14 @@ VARIANTS: dict[str, ModelVariant] = {
             {"glimpse": "no GlimpsePrune checkpoint has been released for it"},
         ),
         ModelVariant(
+            "Qwen3VLMoeForConditionalGeneration",
+            "GlimpseQwen3VLMoeForConditionalGeneration",
+            "vllm_glimpse.models.qwen3_vl:GlimpseQwen3VLMoeForConditionalGeneration",
+            ("none", "visionzip"),
+            "Qwen3-VL-MoE",
+            {"glimpse": "no GlimpsePrune checkpoint has been released for it"},
+        ),
+        ModelVariant(
             "Qwen2VLForConditionalGeneration",
             "GlimpseQwen2VLForConditionalGeneration",
             "vllm_glimpse.models.qwen2_vl:GlimpseQwen2VLForConditionalGeneration",

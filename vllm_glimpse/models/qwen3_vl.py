@@ -1,4 +1,5 @@
-"""Our variant of vLLM's Qwen3-VL: VisionZip on the ViT output, DeepStack embeddings included.
+"""Our variants of vLLM's Qwen3-VL (dense and MoE): VisionZip on the ViT output, DeepStack
+embeddings included.
 
 ProcessingInfo and DummyInputsBuilder (vLLM's) → MultiModalProcessor (each image's placeholder
 count from the VisionZip ratios, hashes salted with the settings, per-request budgets) → Model
@@ -43,6 +44,10 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import (
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
@@ -286,13 +291,10 @@ class QwenFamilyVisionZipModelMixin:
             input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    GlimpseQwen3VLMultiModalProcessor,
-    info=Qwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class GlimpseQwen3VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
-                                             Qwen3VLForConditionalGeneration):
+class Qwen3VLVisionZipMixin(QwenFamilyVisionZipModelMixin):
+    """The Qwen3-VL specifics, shared by the dense and the MoE model (same ViT, processor and
+    positions; only the LLM's MLPs differ)."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_visionzip(vllm_config)
@@ -309,6 +311,26 @@ class GlimpseQwen3VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
         # Qwen3-VL lays a video out frame by frame, each frame its own run of tokens after its
         # timestamp and vision-start token, at (0, row, column) from that run's start.
         return media_positions(1, h, w).repeat(t, 1)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlimpseQwen3VLMultiModalProcessor,
+    info=Qwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class GlimpseQwen3VLForConditionalGeneration(Qwen3VLVisionZipMixin,
+                                             Qwen3VLForConditionalGeneration):
+    """Qwen3-VL (dense LLM) with VisionZip."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlimpseQwen3VLMultiModalProcessor,
+    info=Qwen3VLMoeProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class GlimpseQwen3VLMoeForConditionalGeneration(Qwen3VLVisionZipMixin,
+                                                Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE (mixture-of-experts LLM, the same ViT) with VisionZip."""
 
 
 # --------------------------------------------------------------------------------------------

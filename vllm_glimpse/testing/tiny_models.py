@@ -48,7 +48,7 @@ __all__ = ["FIXTURE_VERSION", "MODEL_NAMES", "tiny_model_path", "generate", "mai
 #: Bump whenever the generator's output changes, so stale caches are not reused.
 FIXTURE_VERSION = "v1"
 
-MODEL_NAMES = ("qwen2_5_vl", "llava", "llava_next", "qwen3_vl", "qwen2_vl")
+MODEL_NAMES = ("qwen2_5_vl", "llava", "llava_next", "qwen3_vl", "qwen2_vl", "qwen3_vl_moe")
 
 _CACHE_ENV = "VLLM_GLIMPSE_CACHE"
 
@@ -666,11 +666,14 @@ def _qwen_family_config(arch: str, model_type: str, ids: dict, vocab: int, text:
     )
 
 
-def _build_qwen3_vl(out: pathlib.Path) -> None:
+def _build_qwen3_vl(out: pathlib.Path, moe: bool) -> None:
     """``Qwen3VLForConditionalGeneration`` in the ``Qwen/Qwen3-VL-*-Instruct`` layout
     (``model.language_model.*``, ``model.visual.*``, ``lm_head``): patch 16, a ViT of
     full-attention blocks with three DeepStack taps, Qwen3 LLM (q/k norms) with interleaved
-    M-RoPE. A 448x448 image gives 196 image tokens."""
+    M-RoPE. A 448x448 image gives 196 image tokens. ``moe``: ``Qwen3VLMoeForConditionalGeneration``
+    as ``Qwen/Qwen3-VL-30B-A3B-Instruct``, every LLM layer a mixture of 4 experts (top 2), the
+    experts' weights fused per layer as on the hub (``mlp.experts.gate_up_proj`` [E, H, 2I],
+    ``mlp.experts.down_proj`` [E, I, H], ``mlp.gate`` the router)."""
     tok = _qwen_tokenizer_json()
     vocab = _tokenizer_size(tok)
     ids = {t: _token_id(tok, t) for t, _ in _QWEN_ADDED_TOKENS}
@@ -691,15 +694,32 @@ def _build_qwen3_vl(out: pathlib.Path) -> None:
         attention_dropout=0.0, rope_parameters=rope, bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False, dtype="float32",
     )
-    config = _qwen_family_config("Qwen3VLForConditionalGeneration", "qwen3_vl", ids, vocab,
-                                 text, vision)
-    w = _Init(seed=3003)
+    # 2I != H, so a transposed expert tensor cannot pass for an untransposed one.
+    experts, expert_inter = 4, 96
+    if moe:
+        vision["model_type"] = "qwen3_vl_moe"
+        text.update(model_type="qwen3_vl_moe_text", num_experts=experts, num_experts_per_tok=2,
+                    moe_intermediate_size=expert_inter, decoder_sparse_step=1,
+                    mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001)
+    config = _qwen_family_config(
+        "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration",
+        "qwen3_vl_moe" if moe else "qwen3_vl", ids, vocab, text, vision)
+    w = _Init(seed=3030 if moe else 3003)
     prefix = "model.language_model"
     _llm_weights(w, prefix, "lm_head", vocab, hidden, _LLM["num_hidden_layers"], heads, 2,
                  _LLM["intermediate_size"], qkv_bias=False, no_emit=sorted(ids.values()))
     for i in range(_LLM["num_hidden_layers"]):  # Qwen3: RMSNorm on each head's q and k
         w.norm(f"{prefix}.layers.{i}.self_attn.q_norm", head_dim, False)
         w.norm(f"{prefix}.layers.{i}.self_attn.k_norm", head_dim, False)
+        if moe:  # the dense MLP gives way to the router and the fused experts
+            p = f"{prefix}.layers.{i}.mlp"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                del w.tensors[f"{p}.{proj}.weight"]
+            w.normal(f"{p}.gate.weight", (experts, hidden), 1.0 / np.sqrt(hidden))
+            w.normal(f"{p}.experts.gate_up_proj", (experts, hidden, 2 * expert_inter),
+                     1.0 / np.sqrt(hidden))
+            w.normal(f"{p}.experts.down_proj", (experts, expert_inter, hidden),
+                     1.0 / np.sqrt(expert_inter))
     _qwen3_vision_weights(w, "model.visual", vision)
 
     _write_json(out / "config.json", config)
@@ -814,7 +834,8 @@ _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "llava": lambda out: _build_llava(out, next_=False),
     "llava_next": lambda out: _build_llava(out, next_=True),
-    "qwen3_vl": lambda out: _build_qwen3_vl(out),
+    "qwen3_vl": lambda out: _build_qwen3_vl(out, moe=False),
+    "qwen3_vl_moe": lambda out: _build_qwen3_vl(out, moe=True),
     "qwen2_vl": lambda out: _build_qwen2_vl(out),
 }
 
