@@ -31,7 +31,10 @@ Reported per configuration:
   move (q, k and v of every token of every layer 0..K, from the shapes); "after" is measured:
   what is held across layers 0..K now (the glimpse rows' queries of the selected layers) plus the
   peak of tensors the prune step allocates (CPU: every tensor an op creates, tracked through a
-  dispatch mode until freed; CUDA: ``torch.cuda.max_memory_allocated``).
+  dispatch mode until freed; CUDA: ``torch.cuda.max_memory_allocated``); "net" is what of it
+  raises the forward's own peak: the held part, plus the transient peak beyond one decoder
+  layer's MLP activations (gate/up output and activated half), which every layer 0..K reaches
+  and which are freed when the prune step runs.
 * a check: after the move, each request's first slots hold exactly its survivors' K/V as they
   were before the step.
 
@@ -311,6 +314,7 @@ def run_config(shape, requests, image_tokens, device, dtype, repeats, block_size
     prompt_kv = num_tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * elem
     before = num_tokens * K1 * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * elem
     held_after = requests * len(cfg.selected_layers) * shape.heads * shape.head_dim * elem
+    mlp = num_tokens * 3 * shape.intermediate * elem
 
     # First run: memory, and the check that the move put the right K/V in place.
     if device.type == "cuda":
@@ -363,6 +367,13 @@ def run_config(shape, requests, image_tokens, device, dtype, repeats, block_size
         "after_held_bytes": held_after, "after_transient_peak_bytes": transient,
         "after_bytes": held_after + transient,
         "after_pct_of_prompt_kv": 100 * (held_after + transient) / prompt_kv,
+        # The prune step runs between two decoder layers; each of layers 0..K already reached a
+        # peak holding its gated MLP's gate/up output and activated half (3 x intermediate per
+        # token). Beyond that, the step's own memory raises the forward's peak only by what is
+        # held across layers 0..K plus any excess of its transient peak over those activations.
+        "mlp_activation_bytes": mlp,
+        "net_extra_bytes": held_after + max(0, transient - mlp),
+        "net_extra_pct_of_prompt_kv": 100 * (held_after + max(0, transient - mlp)) / prompt_kv,
         "moved_kv_checked": True,
     }
 
@@ -397,16 +408,19 @@ def main(argv=None) -> int:
               f"{torch.__version__}, {torch.get_num_threads()} threads, bf16, block size {block_size}")
     print(header)
     print(f"{'model':15} {'B x N':>10} {'step ms':>9} {'% L0..K':>8} {'logits':>7} {'vip':>7} "
-          f"{'keep':>7} {'move':>7} {'KV MB':>8} {'before %':>9} {'after %':>8}")
+          f"{'keep':>7} {'move':>7} {'KV MB':>8} {'before %':>9} {'after %':>8} {'net %':>7}")
     for r in rows:
         ph = r["phases_ms"]
         print(f"{r['model']:15} {r['requests']:>4} x {r['image_tokens']:<4} {r['prune_step_ms']:9.2f} "
               f"{r['prune_step_pct_of_layers_0_k']:8.2f} {ph['logits']:7.2f} {ph['vip']:7.2f} "
               f"{ph['keep']:7.2f} {ph['move']:7.2f} {r['prompt_kv_bytes'] / 1e6:8.1f} "
-              f"{r['before_pct_of_prompt_kv']:9.1f} {r['after_pct_of_prompt_kv']:8.2f}")
+              f"{r['before_pct_of_prompt_kv']:9.1f} {r['after_pct_of_prompt_kv']:8.2f} "
+              f"{r['net_extra_pct_of_prompt_kv']:7.2f}")
     print("before / after: the prune step's extra memory as % of the KV the prompts occupy "
           "(before: the previous engine's recorded q/k/v of layers 0..K, from the shapes; after: "
-          "measured). % L0..K: prune step time over K + 1 decoder layers on the same batch.")
+          "measured: held across layers 0..K + the step's transient peak; net: what raises the "
+          "forward's peak, the transient beyond one layer's MLP activations). % L0..K: prune step "
+          "time over K + 1 decoder layers on the same batch.")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "device": device.type, "gpu": gpu,
                                          "torch": torch.__version__, "quick": args.quick,
