@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/glimpse_throughput.py [--requests N] [--repeats R]
         [--max-tokens T] [--held-requests H] [--kv-blocks B] [--resident-requests M]
         [--resident-max-tokens T2] [--ratio 0.05] [--layer K] [--image-size 1092]
-        [--throughput-kv-blocks B2] [--dtype bfloat16|float32] [--threads T] [--quick]
+        [--dtype bfloat16|float32] [--threads T] [--quick]
         [--only vanilla,glimpse] [--json PATH]
 
 Full run (defaults: N 24, R 3, T 32, H 8, B 64, M 64, T2 64, ratio 0.05, 1 thread)::
@@ -39,7 +39,7 @@ Configurations, each in its own subprocess (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 Each subprocess runs two engines:
 
 1. *Throughput engine* (``VLLM_CPU_KVCACHE_SPACE`` 4 GiB: ~2,900 blocks of 128 tokens, far more
-   than any batch needs; ``--throughput-kv-blocks`` caps it instead):
+   than any batch needs):
 
    * KV blocks held after prefill: H requests through ``llm_engine.add_request``, then
      ``llm_engine.step()`` until every one is in ``scheduler.running`` with
@@ -92,8 +92,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _worker import run_worker, timed_generate, worker_env
-
+from common import (
+    ENGINE_ENV,
+    QUESTIONS,
+    check_vanilla,
+    fmt,
+    measure_held,
+    measure_residency,
+    run_worker,
+    scheduler_of,
+    timed_generate,
+    worker_env,
+    write_json,
+)
 
 KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE of the throughput engine
 MAX_MODEL_LEN = 4096
@@ -110,27 +121,12 @@ ENGINE_ARGS: dict[str, Any] = {
     # benchmarks/visionzip_throughput.py for why (and why 1 thread by default).
     "distributed_executor_backend": "uni",
 }
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-}
 DEFAULT_DTYPE = "bfloat16"
 
 PATCH, MERGE = 14, 2
 UNIT = PATCH * MERGE  # 28 pixels per image token side
 DEFAULT_IMAGE_SIDE = 1092  # 39 x 39 = 1521 image tokens
 MIN_IMAGE_TOKENS = 1500  # the issue: >= 1,500 image tokens per image
-
-QUESTIONS = (
-    "What is in the image?",
-    "Describe this image.",
-    "What color is the car?",
-    "Where is the dog?",
-    "How many birds are there?",
-    "What does the sign say?",
-    "Is there a red ball in the image?",
-    "What is the main color of the picture?",
-)
 
 GOAL_SPEEDUP = 2.5
 GOAL_HELD = 0.10
@@ -162,10 +158,6 @@ def _prompts(tokenizer, count: int, seed0: int, side: int) -> list[dict[str, Any
         for i in range(count)]
 
 
-def _scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
 def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):
     from vllm import LLM
 
@@ -179,19 +171,13 @@ def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):
         kwargs.update(vllm_glimpse.engine_kwargs("glimpse", **cfg.knobs))
     llm = LLM(model=spec["model"], **kwargs)
     if cfg.kind == "vanilla":  # vanilla must not run our code
-        from vllm import ModelRegistry
-
-        from vllm_glimpse.settings import VARIANTS
-
-        leaked = set(ModelRegistry.get_supported_archs()) & {v.arch for v in VARIANTS.values()}
-        if leaked:
-            raise SystemExit(f"vanilla run has plugin architectures registered: {leaked}")
+        check_vanilla(llm)
     return llm
 
 
 def _engine_facts(llm) -> dict[str, Any]:
     vc = llm.llm_engine.vllm_config
-    sched = _scheduler(llm)
+    sched = scheduler_of(llm)
     return dict(
         scheduler_class=type(sched).__name__,
         model_class=llm.collective_rpc(lambda w: type(w.get_model()).__name__)[0],
@@ -204,50 +190,6 @@ def _engine_facts(llm) -> dict[str, Any]:
         max_model_len=vc.model_config.max_model_len,
         enforce_eager=vc.model_config.enforce_eager,
     )
-
-
-def _abort_all(llm, ids: list[str]) -> None:
-    engine = llm.llm_engine
-    engine.abort_request(ids, internal=True)
-    for _ in range(8):  # let the engine core process the aborts
-        if not engine.has_unfinished_requests():
-            break
-        engine.step()
-
-
-def measure_held(llm, prompts, max_tokens: int) -> dict[str, Any]:
-    """KV blocks held by each request once every request has finished its prefill."""
-    from vllm import SamplingParams
-
-    engine, sched = llm.llm_engine, _scheduler(llm)
-    pool = sched.kv_cache_manager.block_pool
-    block_size = sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-    free0 = pool.get_num_free_blocks()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request(f"held-{i}", p, params) for i, p in enumerate(prompts)]
-    steps, t0 = 0, time.perf_counter()
-    while True:
-        engine.step()
-        steps += 1
-        running = list(sched.running)
-        if (len(running) == len(ids)
-                and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)):
-            break
-        if steps > 20 * len(ids) + 20 or not engine.has_unfinished_requests():
-            raise SystemExit(f"held-blocks: requests did not all finish prefill in {steps} steps "
-                             f"({len(running)} running, {len(sched.waiting)} waiting)")
-    held = free0 - pool.get_num_free_blocks()
-    per_req_blocks = [len(sched.kv_cache_manager.coordinator.single_type_managers[0]
-                          .req_to_blocks.get(r.request_id, [])) for r in running]
-    lengths = [r.num_computed_tokens for r in running]
-    prompt_lengths = [r.num_prompt_tokens for r in running]
-    out = dict(requests=len(ids), steps=steps, seconds=time.perf_counter() - t0,
-               block_size=block_size, free_before=free0, held_blocks=held,
-               held_blocks_per_req=held / len(ids), blocks_per_req=per_req_blocks,
-               computed_tokens=lengths, prompt_tokens_now=prompt_lengths)
-    _abort_all(llm, ids)
-    out["pool_whole_after_abort"] = pool.get_num_free_blocks() == free0
-    return out
 
 
 def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int) -> dict[str, Any]:
@@ -283,60 +225,6 @@ def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int
     return rec
 
 
-def measure_residency(llm, prompts, max_tokens: int, max_steps: int,
-                      extra_steps: int) -> dict[str, Any]:
-    """Most requests decoding at once (whole prompt in the KV cache), under the engine's (small)
-    KV cache."""
-    from vllm import SamplingParams
-
-    engine, sched = llm.llm_engine, _scheduler(llm)
-    pool = sched.kv_cache_manager.block_pool
-    free0 = pool.get_num_free_blocks()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    t_add = time.perf_counter()
-    ids = [engine.add_request(f"res-{i}", p, params) for i, p in enumerate(prompts)]
-    t_add = time.perf_counter() - t_add
-    trace: list[list[int]] = []  # per step: running, waiting, blocks in use
-    preemptions: dict[str, int] = {}
-    finished, first_finish, stop, steps = 0, None, "all requests finished", 0
-    t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        steps += 1
-        # Resident: the whole prompt is in the cache (decoding). A partial prefill (vanilla's
-        # chunked prefill admits many) holds only part of its KV and is not counted.
-        running = sum(1 for r in sched.running if r.num_computed_tokens >= r.num_prompt_tokens)
-        waiting = len(sched.waiting)
-        trace.append([running, waiting, free0 - pool.get_num_free_blocks()])
-        for r in list(sched.running) + list(sched.waiting):
-            if getattr(r, "num_preemptions", 0):
-                preemptions[r.request_id] = max(preemptions.get(r.request_id, 0), r.num_preemptions)
-        finished += sum(1 for o in outs if o.finished)
-        if finished and first_finish is None:
-            first_finish = steps
-        if running == len(ids):
-            stop = "every request resident at once (the count is capped by the request count)"
-            break
-        if first_finish is not None and steps >= first_finish + extra_steps:
-            stop = f"{extra_steps} steps after the first request finished"
-            break
-        if steps >= max_steps:
-            stop = f"step limit {max_steps}"
-            break
-    seconds = time.perf_counter() - t0
-    _abort_all(llm, ids)
-    counts = [t[0] for t in trace]
-    return dict(requests=len(ids), max_tokens=max_tokens, num_blocks=free0,
-                max_resident=max(counts) if counts else 0,
-                median_resident_2nd_half=(statistics.median(counts[len(counts) // 2:])
-                                          if counts else 0),
-                capped=bool(counts) and max(counts) == len(ids),
-                steps=steps, first_finish_step=first_finish, stop=stop, seconds=seconds,
-                add_seconds=t_add, preempted_requests=len(preemptions),
-                preemptions=sum(preemptions.values()), max_blocks_in_use=max(t[2] for t in trace),
-                trace=trace, pool_whole_after_abort=pool.get_num_free_blocks() == free0)
-
-
 def measure_kv_bound_throughput(llm, tokenizer, spec: dict[str, Any]) -> dict[str, Any]:
     """req/s when the KV cache, not the request count, bounds the batch: every request submitted
     at once to the small-cache engine and run to the end (one timed ``LLM.generate``)."""
@@ -361,7 +249,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     # ---- engine 1: held blocks (also the warm-up) and throughput -----------------------------
     t = time.perf_counter()
-    llm = _engine(spec, cfg, spec["throughput_kv_blocks"])
+    llm = _engine(spec, cfg, None)
     phases["engine_start_s"] = time.perf_counter() - t
     result["engine"] = _engine_facts(llm)
     tokenizer = llm.get_tokenizer()
@@ -415,7 +303,7 @@ def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
     spec = dict(config=asdict(cfg), model=model, requests=args.requests, repeats=args.repeats,
                 max_tokens=args.max_tokens, dtype=args.dtype, image_side=args.image_size,
                 max_pixels=args.max_pixels, held_requests=args.held_requests,
-                throughput_kv_blocks=args.throughput_kv_blocks, kv_blocks=args.kv_blocks,
+                kv_blocks=args.kv_blocks,
                 resident_requests=args.resident_requests,
                 resident_max_tokens=args.resident_max_tokens,
                 resident_max_steps=args.resident_max_steps, extra_steps=args.extra_steps,
@@ -489,10 +377,6 @@ def summarize(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return lines
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
 def print_table(lines: list[dict[str, Any]]) -> None:
     head = (f"{'config':<14} {'prompt tok/req':>14} {'image tok':>9} {'kept prompt':>11} "
             f"{'req/s median (min–max)':>24} {'x vanilla':>9} {'KV blk/req':>10} "
@@ -508,9 +392,9 @@ def print_table(lines: list[dict[str, Any]]) -> None:
                     f"{ln['max_resident']}{'*' if ln['resident_capped'] else ''}")
         print(f"{ln['name']:<14} {ln['prompt_tok_per_req']:>14.1f} {ln['image_tok_per_req']:>9.0f} "
               f"{ln['kept_prompt_tok_per_req']:>11.1f} {spread:>24} "
-              f"{_fmt(ln['x_vanilla'], '.2f'):>9} {ln['held_blocks_per_req']:>10.2f} "
-              f"{_fmt(ln['held_vs_vanilla'], '.3f'):>9} {resident:>12} "
-              f"{_fmt(ln['resident_x_vanilla'], '.2f'):>9} {ln['cpu_s_per_req']:>9.2f} "
+              f"{fmt(ln['x_vanilla'], '.2f'):>9} {ln['held_blocks_per_req']:>10.2f} "
+              f"{fmt(ln['held_vs_vanilla'], '.3f'):>9} {resident:>12} "
+              f"{fmt(ln['resident_x_vanilla'], '.2f'):>9} {ln['cpu_s_per_req']:>9.2f} "
               f"{ln['loadavg']:>5.1f}")
     kv_rows = [ln for ln in lines if ln.get("kv_bound_req_s")]
     if kv_rows:
@@ -519,7 +403,7 @@ def print_table(lines: list[dict[str, Any]]) -> None:
         for ln in kv_rows:
             print(f"  {ln['name']:<14} {ln['kv_bound_req_s']:.4f} req/s "
                   f"({ln['kv_bound_seconds']:.0f} s), x vanilla "
-                  f"{_fmt(ln['kv_bound_x_vanilla'], '.2f')}, CPU s/req "
+                  f"{fmt(ln['kv_bound_x_vanilla'], '.2f')}, CPU s/req "
                   f"{ln['kv_bound_cpu_s_per_req']:.2f}, load {ln['kv_bound_loadavg']:.1f}")
     if any(ln.get("resident_capped") for ln in lines):
         print("* every request was resident at once: the count is capped by --resident-requests")
@@ -548,7 +432,7 @@ def goal_checks(lines: list[dict[str, Any]], quick: bool) -> list[str]:
     h = g["held_vs_vanilla"]
     out.append(f"GOAL KV blocks held after prefill <= {GOAL_HELD:.0%} of vanilla: "
                f"{g['held_blocks_per_req']:.2f} vs {v['held_blocks_per_req']:.2f} blocks/request "
-               f"= {_fmt(h, '.1%')} -> {verdict(h is not None and h <= GOAL_HELD)}{tag}")
+               f"= {fmt(h, '.1%')} -> {verdict(h is not None and h <= GOAL_HELD)}{tag}")
     r = g.get("resident_x_vanilla")
     if r is None:
         out.append(f"GOAL most requests resident >= {GOAL_RESIDENT}x vanilla: not measured "
@@ -583,9 +467,6 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: skip)")
     p.add_argument("--kv-bound-max-tokens", type=int, default=64,
                    help="output tokens per request of the KV-bound throughput run")
-    p.add_argument("--throughput-kv-blocks", type=int, default=None,
-                   help="num_gpu_blocks_override of the throughput engine (default: "
-                        f"VLLM_CPU_KVCACHE_SPACE, {KV_CACHE_GIB} GiB)")
     p.add_argument("--ratio", type=float, default=0.05, help="GlimpsePrune fixed_ratio")
     p.add_argument("--layer", type=int, default=None,
                    help="K of the synthetic checkpoint (default int(0.6 * layers) = 13)")
@@ -623,12 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     # processor cap, with headroom so that the image is not resized down
     args.max_pixels = max(1003520, (image_tokens_for(args.image_size) + 64) * UNIT * UNIT)
     min_blocks = -(-MAX_MODEL_LEN // 128) + 1  # one max_model_len request + vLLM's null block
-    for opt, value in (("--kv-blocks", args.kv_blocks),
-                       ("--throughput-kv-blocks", args.throughput_kv_blocks)):
-        if value and value < min_blocks:
-            p.error(f"{opt} {value}: at least {min_blocks} blocks of 128 tokens (vLLM checks "
-                    f"that one max_model_len {MAX_MODEL_LEN} request fits; one block is vLLM's "
-                    f"null block)")
+    if args.kv_blocks and args.kv_blocks < min_blocks:
+        p.error(f"--kv-blocks {args.kv_blocks}: at least {min_blocks} blocks of 128 tokens "
+                f"(vLLM checks that one max_model_len {MAX_MODEL_LEN} request fits; one block "
+                f"is vLLM's null block)")
 
     from vllm_glimpse.testing.bench_models import bench_model_path, parameter_counts
     from vllm_glimpse.testing.glimpse_bench import bench_glimpse_checkpoint
@@ -707,7 +586,6 @@ def main(argv: list[str] | None = None) -> int:
                           kv_cache_gib=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)),
                           requests=args.requests, repeats=args.repeats, max_tokens=args.max_tokens,
                           held_requests=args.held_requests, kv_blocks=args.kv_blocks,
-                          throughput_kv_blocks=args.throughput_kv_blocks,
                           resident_requests=args.resident_requests,
                           resident_max_tokens=args.resident_max_tokens,
                           kv_bound_requests=args.kv_bound_requests,
@@ -718,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             model=dict(path=model, parameters=counts),
             checkpoint=dict(path=str(ckpt), config=ckpt_cfg),
             runs=rows, table=lines, goals=checks, total_wall_s=total)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
         print(f"results written to {args.json}")
     return 0
 

@@ -44,9 +44,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -591,7 +592,7 @@ class Timing:
 
     @classmethod
     def of(cls, times_ms: list[float], bytes_moved: int, peak_gbps: float | None,
-           min_flops: int | None) -> "Timing":
+           min_flops: int | None) -> Timing:
         median = statistics.median(times_ms)
         gbps = bytes_moved / (median * 1e-3) / 1e9
         return cls(median_ms=median, min_ms=min(times_ms), max_ms=max(times_ms), gbps=gbps,

@@ -28,7 +28,7 @@ geometry, a shallow vision tower) are sized so that the LLM's work on the image 
 the report states each model's parameter counts. LLaVA-NeXT has no bench-size model: its tiny
 test model is used (its image tokens dominate even more; its timings are mostly overheads).
 
-Configurations per workload, each in its own fresh process (``benchmarks/_worker.py``):
+Configurations per workload, each in its own fresh process (``benchmarks/common.py``):
 
 * ``vanilla``: vLLM without the plugin (``VLLM_PLUGINS=""``);
 * ``visionzip``: LLaVA D + C = 54 + 10 per image (per crop on NeXT, the authors' split),
@@ -48,9 +48,10 @@ thread by default, bf16):
 * KV blocks held per request once every request has finished its prefill (vLLM's block pool);
 * most requests resident at once (whole prompt in the KV cache) in a small KV cache of B blocks.
 
-Online (``--online``): each configuration behind a real ``vllm serve`` on loopback, a concurrency
-sweep of streaming chat completions with base64 images (``benchmarks/_online.py``): time to first
-token and inter-token latency, median and p90.
+Online (``--online``): each configuration behind a real ``vllm serve`` on loopback, measured by
+vLLM's ``vllm bench serve`` at each concurrency (streaming chat completions, one new random image
+of the workload's size per request: its ``random-mm`` dataset): time to first token and
+inter-token latency, median and p90; the plugin's ``/metrics`` counters are read around it.
 
 Every figure is also given as a ratio to vanilla measured in the same run: the ratio of the
 medians, and the range (worst min/max pairing) over the repeats.
@@ -70,10 +71,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _worker import REPO, run_worker, worker_env
+from common import (
+    ENGINE_ENV,
+    QUESTIONS,
+    bench_serve,
+    fmt,
+    measure_held,
+    measure_residency,
+    metrics_delta,
+    ratio,
+    run_worker,
+    scrape_metrics,
+    serve,
+    summary,
+    worker_env,
+    write_json,
+)
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 KV_CACHE_GIB = 4
+# The suite's requests cycle through the first six questions (the workload its results were measured on).
+QUESTIONS = QUESTIONS[:6]
 MAX_MODEL_LEN = 4096
 ENGINE_ARGS: dict[str, Any] = {
     "max_num_seqs": 128,
@@ -85,9 +102,6 @@ ENGINE_ARGS: dict[str, Any] = {
     "seed": 0,
     "distributed_executor_backend": "uni",
 }
-QUESTIONS = ("What is in the image?", "Describe this image.", "What color is the car?",
-             "Where is the dog?", "How many birds are there?", "What does the sign say?")
-
 VISIONZIP_LLAVA = {"dominant": 54, "contextual": 10}
 VISIONZIP_QWEN = {"dominant_ratio": 0.10, "contextual_ratio": 0.02}
 GLIMPSE_RATIO = 0.10
@@ -165,8 +179,13 @@ def model_path(family: str) -> str:
 
 def _prompts(spec, tokenizer, count: int, seed0: int, embed_tokens: int | None = None,
              hidden: int = 0, dtype=None) -> list[dict[str, Any]]:
-    from vllm_glimpse.testing.workloads import (IMAGE_KINDS, chat_prompt, image_embeds_input,
-                                                random_image_embeds, synthetic_image)
+    from vllm_glimpse.testing.workloads import (
+        IMAGE_KINDS,
+        chat_prompt,
+        image_embeds_input,
+        random_image_embeds,
+        synthetic_image,
+    )
 
     prompts = []
     for i in range(count):
@@ -227,8 +246,6 @@ def _throughput(llm, prompts_for, spec) -> dict[str, Any]:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    import glimpse_throughput as gt  # measure_held, measure_residency: engine-agnostic
-
     from vllm_glimpse.testing.generate import shutdown
 
     cfg = Config(**spec["config"])
@@ -247,14 +264,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             for method, kept in cfg.limit_tokens.items()}
         shutdown(llm)
         return result
-    result["held"] = gt.measure_held(llm, _prompts(spec, tokenizer, spec["held_requests"], 1000),
+    result["held"] = measure_held(llm, _prompts(spec, tokenizer, spec["held_requests"], 1000),
                                      max_tokens=16)
     result["throughput"] = _throughput(llm, lambda c, s: _prompts(spec, tokenizer, c, s), spec)
     shutdown(llm)
     if spec["kv_blocks"]:
         llm = _engine(spec, cfg, spec["kv_blocks"])
         prompts = _prompts(spec, llm.get_tokenizer(), spec["resident_requests"], 500_000)
-        result["residency"] = gt.measure_residency(llm, prompts, spec["resident_max_tokens"],
+        result["residency"] = measure_residency(llm, prompts, spec["resident_max_tokens"],
                                                    spec["resident_max_steps"], 4)
         result["residency"].pop("trace", None)
         shutdown(llm)
@@ -264,15 +281,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def _ratio(x: dict[str, float], base: dict[str, float]) -> dict[str, float]:
-    return {"median": x["median"] / base["median"], "min": x["min"] / base["max"],
-            "max": x["max"] / base["min"]}
 
 
 def _rates(tp: dict[str, Any], n: int, w: Workload, submitted: float | None = None) -> dict[str, Any]:
@@ -285,7 +293,7 @@ def _rates(tp: dict[str, Any], n: int, w: Workload, submitted: float | None = No
         kept = prompt
     submitted = prompt if submitted is None else submitted
     req_s = [n / t for t in tp["times_s"]]
-    return {"req_s": _stats(req_s), "prompt_tok_s": _stats([r * submitted for r in req_s]),
+    return {"req_s": summary(req_s), "prompt_tok_s": summary([r * submitted for r in req_s]),
             "prompt_tokens": submitted, "kept_prompt_tokens": kept}
 
 
@@ -341,8 +349,8 @@ def summarize_offline(w: Workload, rows: dict[str, Any], n: int) -> dict[str, An
 
     def line(name, tp, held=None, residency=None, submitted=None):
         rates = _rates(tp, n, w, submitted)
-        entry = {"config": name, **rates, "req_s_ratio": _ratio(rates["req_s"], base["req_s"]),
-                 "prompt_tok_s_ratio": _ratio(rates["prompt_tok_s"], base["prompt_tok_s"])}
+        entry = {"config": name, **rates, "req_s_ratio": ratio(rates["req_s"], base["req_s"]),
+                 "prompt_tok_s_ratio": ratio(rates["prompt_tok_s"], base["prompt_tok_s"])}
         if held is not None:
             entry["kv_blocks_per_req"] = held["held_blocks_per_req"]
         if residency is not None:
@@ -368,28 +376,26 @@ def summarize_offline(w: Workload, rows: dict[str, Any], n: int) -> dict[str, An
     return {"workload": asdict(w), "model": model_path(w.family), "lines": lines, "raw": rows}
 
 
+def _level(result: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """One concurrency level of the report, from ``vllm bench serve``'s result JSON."""
+    return {"concurrency": concurrency, "requests": result["completed"],
+            "wall_s": result["duration"], "request_throughput": result["request_throughput"],
+            "output_throughput": result["output_throughput"],
+            "ttft_ms_median": result["median_ttft_ms"], "ttft_ms_p90": result["p90_ttft_ms"],
+            "itl_ms_median": result["median_itl_ms"], "itl_ms_p90": result["p90_itl_ms"],
+            "e2e_ms_median": result["median_e2el_ms"],
+            "prompt_tokens_mean": result["total_input_tokens"] / result["completed"]}
+
+
 def run_online(w: Workload, args, log) -> dict[str, Any]:
-    import base64
-    import io
-
-    from _online import serve_sweep
-
     from vllm_glimpse.testing.glimpse_bench import bench_glimpse_checkpoint
-    from vllm_glimpse.testing.workloads import IMAGE_KINDS, synthetic_image
 
-    messages = []
-    for i in range(args.online_requests):
-        buf = io.BytesIO()
-        synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w.side, w.side, 700 + i).save(buf, "PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        messages.append([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}])
     common = ["--dtype", args.dtype, "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
               "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
               "--limit-mm-per-prompt", '{"image": 1}']
     if w.family == "qwen2_5_vl":
         common += ["--mm-processor-kwargs", json.dumps({"max_pixels": w.side ** 2})]
+
     def run(cfg: Config) -> dict[str, Any]:
         serve_args = list(common)
         env = worker_env(args.threads, KV_CACHE_GIB, {}, plugin=cfg.kind != "vanilla")
@@ -401,11 +407,17 @@ def run_online(w: Workload, args, log) -> dict[str, Any]:
                            str(bench_glimpse_checkpoint(w.family)),
                            "--glimpse-fixed-ratio", str(GLIMPSE_RATIO)]
         log(f"[{w.name}] online {cfg.name} ...")
-        result = serve_sweep(model_path(w.family), serve_args, env, messages, args.concurrency,
-                             args.online_max_tokens, Path(args.out) / f"serve-{w.name}-{cfg.name}.log",
-                             progress=not args.no_progress and args.jobs == 1)
-        log(f"[{w.name}] online {cfg.name} done in {result['server_start_s']:.0f} s + sweep")
-        return result
+        model = model_path(w.family)
+        out = Path(args.out) / f"serve-{w.name}-{cfg.name}"
+        with serve(model, serve_args, env, f"{out}.log") as (url, start_s):
+            before = scrape_metrics(url)
+            levels = [_level(bench_serve(url, model, concurrency=c, num_prompts=args.online_requests,
+                                         image_side=w.side, max_tokens=args.online_max_tokens,
+                                         seed=700 + c, out_dir=out), c)
+                      for c in args.concurrency]
+            delta = metrics_delta(before, scrape_metrics(url))
+        log(f"[{w.name}] online {cfg.name} done in {start_s:.0f} s + sweep")
+        return {"levels": levels, "server_start_s": start_s, "metrics_delta": delta}
 
     configs = [c for c in configs_for(w) if c.kind != "limit"]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -422,10 +434,6 @@ def run_online(w: Workload, args, log) -> dict[str, Any]:
 # ---- report --------------------------------------------------------------------------------
 
 
-def _f(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
 def print_offline(res: dict[str, Any]) -> None:
     w = res["workload"]
     print(f"\n{w['name']}: {w['image_tokens']} image tokens per request ({res['model']})")
@@ -436,10 +444,10 @@ def print_offline(res: dict[str, Any]) -> None:
         print(f"{e['config']:<18}{e['kept_prompt_tokens']:>11.1f}"
               f"{r['median']:>10.3f} ({r['min']:.3f}-{r['max']:.3f})"
               f"{q['median']:>8.2f} ({q['min']:.2f}-{q['max']:.2f})"
-              f"{_f(e.get('of_limit'), '.2f'):>9}{_f(e.get('kv_blocks_per_req'), '.1f'):>11}"
-              f"{_f(e.get('kv_blocks_ratio'), '.2f'):>6}"
+              f"{fmt(e.get('of_limit'), '.2f'):>9}{fmt(e.get('kv_blocks_per_req'), '.1f'):>11}"
+              f"{fmt(e.get('kv_blocks_ratio'), '.2f'):>6}"
               f"{str(e.get('max_resident', '-')) + ('*' if e.get('resident_capped') else ''):>9}"
-              f"{_f(e.get('max_resident_ratio'), '.2f'):>6}")
+              f"{fmt(e.get('max_resident_ratio'), '.2f'):>6}")
 
 
 def print_online(name: str, res: dict[str, Any]) -> None:
@@ -449,10 +457,10 @@ def print_online(name: str, res: dict[str, Any]) -> None:
     for cfg, r in res.items():
         for lv in r["levels"]:
             print(f"{cfg:<12}{lv['concurrency']:>5}{lv['request_throughput']:>8.3f}"
-                  f"{_f(lv['request_throughput_ratio'], '.2f'):>6}"
+                  f"{fmt(lv['request_throughput_ratio'], '.2f'):>6}"
                   f"{lv['ttft_ms_median']:>12.0f}{lv['ttft_ms_p90']:>8.0f}"
-                  f"{_f(lv['ttft_ms_median_ratio'], '.2f'):>6}{lv['itl_ms_median']:>11.1f}"
-                  f"{lv['itl_ms_p90']:>8.1f}{_f(lv['itl_ms_median_ratio'], '.2f'):>6}")
+                  f"{fmt(lv['ttft_ms_median_ratio'], '.2f'):>6}{lv['itl_ms_median']:>11.1f}"
+                  f"{lv['itl_ms_p90']:>8.1f}{fmt(lv['itl_ms_median_ratio'], '.2f'):>6}")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -472,10 +480,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {e['config']} | {e['prompt_tokens']:,.1f} → {e['kept_prompt_tokens']:,.1f} | "
                 f"{rng(e['req_s'], '.3f')} | "
-                f"{rng(e['req_s_ratio'])} | {_f(e.get('of_limit'), '.2f')} | "
-                f"{e['prompt_tok_s_ratio']['median']:.2f} | {_f(e.get('kv_blocks_per_req'), '.1f')} | "
-                f"{_f(e.get('kv_blocks_ratio'), '.2f')} | {e.get('max_resident', '-')}{capped} | "
-                f"{_f(e.get('max_resident_ratio'), '.2f')} |")
+                f"{rng(e['req_s_ratio'])} | {fmt(e.get('of_limit'), '.2f')} | "
+                f"{e['prompt_tok_s_ratio']['median']:.2f} | {fmt(e.get('kv_blocks_per_req'), '.1f')} | "
+                f"{fmt(e.get('kv_blocks_ratio'), '.2f')} | {e.get('max_resident', '-')}{capped} | "
+                f"{fmt(e.get('max_resident_ratio'), '.2f')} |")
         lines.append("")
     for name, res in report["online"].items():
         lines += [f"**{name}, online** (streaming chat completions against `vllm serve`)", "",
@@ -486,10 +494,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             for lv in r["levels"]:
                 lines.append(
                     f"| {cfg} | {lv['concurrency']} | {lv['request_throughput']:.3f} | "
-                    f"{_f(lv['request_throughput_ratio'], '.2f')} | {lv['ttft_ms_median']:.0f} "
-                    f"({lv['ttft_ms_p90']:.0f}) | {_f(lv['ttft_ms_median_ratio'], '.2f')} | "
+                    f"{fmt(lv['request_throughput_ratio'], '.2f')} | {lv['ttft_ms_median']:.0f} "
+                    f"({lv['ttft_ms_p90']:.0f}) | {fmt(lv['ttft_ms_median_ratio'], '.2f')} | "
                     f"{lv['itl_ms_median']:.1f} ({lv['itl_ms_p90']:.1f}) | "
-                    f"{_f(lv['itl_ms_median_ratio'], '.2f')} |")
+                    f"{fmt(lv['itl_ms_median_ratio'], '.2f')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -620,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, res in report["online"].items():
             print_online(name, res)
         report["plots"] = plot(report, path.parent)
-        path.write_text(json.dumps(report, indent=1))
+        write_json(path, report, indent=1)
         (path.parent / "results.md").write_text(render_markdown(report))
         return 0
 
@@ -669,16 +677,16 @@ def main(argv: list[str] | None = None) -> int:
         res = run_offline(WORKLOADS[name], args, log)
         report["offline"].append(res)
         print_offline(res)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "report.json", report, indent=1)
     for name in online:
         res = run_online(WORKLOADS[name], args, log)
         report["online"][name] = res
         print_online(name, res)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "report.json", report, indent=1)
     bar.close()
     report["plots"] = plot(report, out)
     report["total_s"] = time.time() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "report.json", report, indent=1)
     (out / "results.md").write_text(render_markdown(report))
     print(f"\nreport: {out / 'report.json'}; plots: {', '.join(report['plots'])}; "
           f"{report['total_s'] / 60:.1f} min")
