@@ -62,8 +62,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _worker import run_worker, timed_generate, worker_env
-
+from common import (
+    ENGINE_ENV,
+    QUESTIONS,
+    check_vanilla,
+    fmt,
+    run_worker,
+    timed_generate,
+    worker_env,
+    write_json,
+)
 
 # Engine settings shared by every configuration (vanilla, VisionZip, limit).
 KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE
@@ -86,22 +94,7 @@ ENGINE_ARGS: dict[str, Any] = {
 # slowed by up to 5x while other jobs ran, and the spread between repeats exceeded the effects
 # measured. With 1 thread the time per step is stable and equals its CPU time. On a dedicated
 # machine pass --threads 2 (or more).
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # all cores to the model's OpenMP threads
-}
 DEFAULT_DTYPE = "bfloat16"  # faster than float32 on this CPU (AMX/AVX512-BF16); see --dtype
-
-QUESTIONS = (
-    "What is in the image?",
-    "Describe this image.",
-    "What color is the car?",
-    "Where is the dog?",
-    "How many birds are there?",
-    "What does the sign say?",
-    "Is there a red ball in the image?",
-    "What is the main color of the picture?",
-)
 
 # image size fed to each family's processor
 IMAGE_SIZE = {"llava": (336, 336), "qwen": (448, 448)}
@@ -161,8 +154,13 @@ def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int 
               hidden: int = 0, dtype=None, given_embeds: list | None = None) -> list[dict[str, Any]]:
     """``count`` prompts, each with a distinct image, distinct random embeddings
     (``embed_tokens``), or the i-th of ``given_embeds`` ([tokens, hidden] each)."""
-    from vllm_glimpse.testing.workloads import (IMAGE_KINDS, chat_prompt, image_embeds_input,
-                                                random_image_embeds, synthetic_image)
+    from vllm_glimpse.testing.workloads import (
+        IMAGE_KINDS,
+        chat_prompt,
+        image_embeds_input,
+        random_image_embeds,
+        synthetic_image,
+    )
 
     prompts = []
     for i in range(count):
@@ -235,13 +233,7 @@ def _start_engine(spec: dict[str, Any], cfg: Config):
         kwargs["enable_mm_embeds"] = True
     llm = LLM(model=spec["model"], **kwargs)
     if cfg.kind != "visionzip":  # vanilla and limit must not run our code
-        from vllm import ModelRegistry
-
-        from vllm_glimpse.settings import VARIANTS
-
-        leaked = set(ModelRegistry.get_supported_archs()) & {v.arch for v in VARIANTS.values()}
-        if leaked:
-            raise SystemExit(f"{cfg.kind} run has plugin architectures registered: {leaked}")
+        check_vanilla(llm)
     model_cls = llm.collective_rpc(lambda w: type(w.get_model()).__name__)[0]
     llm.collective_rpc(_install_timers)
     return llm, model_cls
@@ -353,9 +345,8 @@ def serve_worker(spec: dict[str, Any]) -> None:
     with ``"capture_out": PATH`` (VisionZip) the image embeddings the batch fed its LLM are
     saved to PATH, one per request in request order; with ``"embeds_file": PATH`` (the limit)
     the requests carry those embeddings and set s's prompts."""
-    import vllm  # noqa: F401
-
     import torch
+    import vllm  # noqa: F401
 
     from vllm_glimpse.testing.generate import shutdown
 
@@ -431,7 +422,7 @@ def interleave(args, model: str, log) -> dict[str, Any]:
     import subprocess
     import tempfile
 
-    from _worker import REPO
+    from common import REPO
 
     d, c = LLAVA_SPLITS[0]
     vz_name = f"visionzip-{d + c} ({d}+{c})"
@@ -470,7 +461,9 @@ def interleave(args, model: str, log) -> dict[str, Any]:
         procs[kind] = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve-worker", str(spec_file)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=open(Path(tmp.name, f"{kind}.err"), "w"), text=True, env=env, cwd=REPO)
+            # open for the engine process's whole life, closed with the temporary directory
+            stderr=open(Path(tmp.name, f"{kind}.err"), "w"),  # noqa: SIM115
+            text=True, env=env, cwd=REPO)
         facts[cfg.name] = dict(read_reply(kind), kv_cache_gib=gib)  # one start at a time
         log(f"  {cfg.name}: engine up ({facts[cfg.name]['model_class']}, KV {gib} GiB)")
 
@@ -539,10 +532,10 @@ def interleave(args, model: str, log) -> dict[str, Any]:
                 stop(kind)
             rounds.append(dict(batches=batches, engines=dict(facts)))
             if args.json:  # a run stopped early keeps its finished rounds (--render reads it)
-                Path(args.json).write_text(json.dumps(dict(
+                write_json(args.json, dict(
                     partial=f"{r + 1} of {args.interleave} rounds",
                     settings=dict(requests=args.requests, max_tokens=args.max_tokens),
-                    interleaved=result()), indent=2))
+                    interleaved=result()))
             x_van, x_lim = _round_ratios(rounds[-1])
             log(f"  round {r + 1}/{args.interleave}: " + " ".join(
                 f"{b['kind'][:3]} {b['times_s']:.1f}" for b in batches)
@@ -692,12 +685,12 @@ def print_interleave(res: dict[str, Any], args) -> list[str]:
     checks = [
         f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {s['x_vanilla']:.2f}x over all batches "
         f"(per round {min(xv):.2f}–{max(xv):.2f}, median {statistics.median(xv):.2f}, 95% "
-        f"lower bound {_fmt(lv, '.2f')}) -> {verdict(s['x_vanilla'], lv, 5.0)}",
+        f"lower bound {fmt(lv, '.2f')}) -> {verdict(s['x_vanilla'], lv, 5.0)}",
         f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {s['x_limit']:.3f} of the "
         f"limit's req/s over all batches (per round {min(xl):.3f}–{max(xl):.3f}, median "
-        f"{statistics.median(xl):.3f}, 95% lower bound {_fmt(ll, '.3f')}); at equal machine "
+        f"{statistics.median(xl):.3f}, 95% lower bound {fmt(ll, '.3f')}); at equal machine "
         f"speed {s['x_limit_equal_speed']:.3f} (per round {min(xe):.3f}–{max(xe):.3f}, 95% "
-        f"lower bound {_fmt(le, '.3f')}) -> {limit_verdict}"]
+        f"lower bound {fmt(le, '.3f')}) -> {limit_verdict}"]
     print()
     for line in checks:
         print(line)
@@ -780,10 +773,6 @@ def summarize(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return lines
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
 def print_table(title: str, lines: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
     head = (f"{'config':<26} {'prompt tok/req':>14} {'req/s median (min–max)':>26} "
@@ -798,8 +787,8 @@ def print_table(title: str, lines: list[dict[str, Any]]) -> None:
         spread = f"{ln['req_s']:.3f} ({ln['req_s_min']:.3f}–{ln['req_s_max']:.3f})"
         print(f"{ln['name']:<26} {ln['prompt_tok_per_req']:>14.1f} {spread:>26} "
               f"{ln['prompt_tok_s']:>12.0f} {ln['vision_ms_per_req']:>13.1f} "
-              f"{_fmt(ln['x_vanilla'], '.2f'):>9} "
-              f"{_fmt(ln['x_limit'], '.3f'):>8} {ln['loadavg']:>5.1f}")
+              f"{fmt(ln['x_vanilla'], '.2f'):>9} "
+              f"{fmt(ln['x_limit'], '.3f'):>8} {ln['loadavg']:>5.1f}")
     print("median batch:")
     for ln in lines:
         if "error" not in ln:
@@ -837,12 +826,12 @@ def goal_checks(lines: list[dict[str, Any]]) -> list[str]:
         return ["GOAL VisionZip-64 on LLaVA-1.5: not measured -> FAIL"]
     out = []
     x, xb = vz["x_vanilla"], vz["x_vanilla_best"]
-    out.append(f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {_fmt(x, '.2f')}x on medians "
-               f"({_fmt(xb, '.2f')}x best-of-repeats) -> "
+    out.append(f"GOAL VisionZip-64 >= 5x vanilla (LLaVA-1.5): {fmt(x, '.2f')}x on medians "
+               f"({fmt(xb, '.2f')}x best-of-repeats) -> "
                f"{'PASS' if x is not None and x >= 5.0 else 'FAIL'}")
     y, yb = vz["x_limit"], vz["x_limit_best"]
-    out.append(f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {_fmt(y, '.3f')} of the "
-               f"limit's req/s on medians ({_fmt(yb, '.3f')} best-of-repeats) -> "
+    out.append(f"GOAL VisionZip-64 within 10% of the limit (LLaVA-1.5): {fmt(y, '.3f')} of the "
+               f"limit's req/s on medians ({fmt(yb, '.3f')} best-of-repeats) -> "
                f"{'PASS' if y is not None and y >= 0.9 else 'FAIL'}")
     return out
 
@@ -896,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.max_tokens = st["requests"], st["max_tokens"]
         res["summary"] = interleave_summary(res["rounds"], args.requests)
         report["goals"] = print_interleave(res, args)
-        Path(args.render).write_text(json.dumps(report, indent=2))
+        write_json(args.render, report)
         return 0
 
     if args.quick:
@@ -938,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         report["total_wall_s"] = time.perf_counter() - t_all
         print(f"\ntotal wall time {report['total_wall_s']:.0f} s")
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+            write_json(args.json, report)
             print(f"results written to {args.json}")
         return 0
     for family in families:
