@@ -8,6 +8,8 @@ online server, statistics, formatting and JSON.
   runner in that process (no engine-core or worker process: on a 2-core machine vLLM's default
   layout reserves one core for the engine core's loop and costs ~50 s per engine start), so the
   scheduler can be read directly (:func:`scheduler_of`).
+* **Workloads.** :func:`image_prompts` (one synthetic image or precomputed embeddings and a
+  question per request).
 * **Engine measurements.** :func:`timed_generate` (one timed ``LLM.generate``),
   :func:`measure_held` (KV blocks each request holds once its prefill is done),
   :func:`measure_residency` (most requests resident at once in a small KV cache),
@@ -95,6 +97,42 @@ def run_worker(script: str, spec: dict[str, Any], env: dict[str, str],
     reason = next((ln for ln in reversed(lines) if "PruningSettingsError" in ln),
                   errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}"))
     return None, reason.strip(), wall, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------------
+
+
+def image_prompts(tokenizer, family: str, count: int, seed0: int, size: tuple[int, int], *,
+                  questions: tuple[str, ...] = QUESTIONS, embed_tokens: int | None = None,
+                  hidden: int = 0, dtype=None, given_embeds: list | None = None) -> list[dict]:
+    """``count`` prompts for ``LLM.generate``, request i: the model's chat template around one
+    image and ``questions[i % len]``. The image is a distinct synthetic picture of ``size``
+    (kind cycling, seed ``seed0 + i``); or, for the limit runs, precomputed embeddings: random
+    ones of ``embed_tokens`` rows (seed ``seed0 + i``) or the i-th of ``given_embeds``
+    (``[tokens, hidden]`` each). ``family`` picks the embeddings' input layout (``qwen...``:
+    with an M-RoPE grid)."""
+    from vllm_glimpse.testing.workloads import (
+        IMAGE_KINDS,
+        chat_prompt,
+        image_embeds_input,
+        random_image_embeds,
+        synthetic_image,
+    )
+
+    prompts = []
+    for i in range(count):
+        text = chat_prompt(tokenizer, questions[i % len(questions)], 1)
+        if given_embeds is not None:
+            image: Any = image_embeds_input(family, given_embeds[i])
+        elif embed_tokens is None:
+            image = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], size[0], size[1], seed0 + i)
+        else:
+            image = image_embeds_input(
+                family, random_image_embeds(embed_tokens, hidden, dtype, seed0 + i))
+        prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,9 +94,9 @@ from typing import Any
 
 from common import (
     ENGINE_ENV,
-    QUESTIONS,
     check_vanilla,
     fmt,
+    image_prompts,
     measure_held,
     measure_residency,
     run_worker,
@@ -150,12 +150,7 @@ class Config:
 
 
 def _prompts(tokenizer, count: int, seed0: int, side: int) -> list[dict[str, Any]]:
-    from vllm_glimpse.testing.workloads import IMAGE_KINDS, ImageSpec, RequestSpec, build_request
-
-    return [build_request(tokenizer, RequestSpec(
-        QUESTIONS[i % len(QUESTIONS)],
-        (ImageSpec(IMAGE_KINDS[i % len(IMAGE_KINDS)], side, side, seed0 + i),)))
-        for i in range(count)]
+    return image_prompts(tokenizer, "qwen2_5_vl", count, seed0, (side, side))
 
 
 def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):

@@ -76,6 +76,7 @@ from common import (
     QUESTIONS,
     bench_serve,
     fmt,
+    image_prompts,
     measure_held,
     measure_residency,
     metrics_delta,
@@ -179,25 +180,9 @@ def model_path(family: str) -> str:
 
 def _prompts(spec, tokenizer, count: int, seed0: int, embed_tokens: int | None = None,
              hidden: int = 0, dtype=None) -> list[dict[str, Any]]:
-    from vllm_glimpse.testing.workloads import (
-        IMAGE_KINDS,
-        chat_prompt,
-        image_embeds_input,
-        random_image_embeds,
-        synthetic_image,
-    )
-
-    prompts = []
-    for i in range(count):
-        text = chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], 1)
-        if embed_tokens is None:
-            image: Any = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], spec["side"],
-                                         spec["side"], seed0 + i)
-        else:
-            image = image_embeds_input(
-                spec["family"], random_image_embeds(embed_tokens, hidden, dtype, seed0 + i))
-        prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
-    return prompts
+    return image_prompts(tokenizer, spec["family"], count, seed0, (spec["side"], spec["side"]),
+                         questions=QUESTIONS, embed_tokens=embed_tokens, hidden=hidden,
+                         dtype=dtype)
 
 
 def _engine(spec, cfg: Config, blocks: int | None):

@@ -64,9 +64,9 @@ from typing import Any
 
 from common import (
     ENGINE_ENV,
-    QUESTIONS,
     check_vanilla,
     fmt,
+    image_prompts,
     run_worker,
     timed_generate,
     worker_env,
@@ -154,27 +154,9 @@ def _requests(family: str, tokenizer, count: int, seed0: int, embed_tokens: int 
               hidden: int = 0, dtype=None, given_embeds: list | None = None) -> list[dict[str, Any]]:
     """``count`` prompts, each with a distinct image, distinct random embeddings
     (``embed_tokens``), or the i-th of ``given_embeds`` ([tokens, hidden] each)."""
-    from vllm_glimpse.testing.workloads import (
-        IMAGE_KINDS,
-        chat_prompt,
-        image_embeds_input,
-        random_image_embeds,
-        synthetic_image,
-    )
-
-    prompts = []
-    for i in range(count):
-        text = chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], 1)
-        if given_embeds is not None:
-            image: Any = image_embeds_input(family, given_embeds[i])
-        elif embed_tokens is None:
-            w, h = IMAGE_SIZE[family]
-            image = synthetic_image(IMAGE_KINDS[i % len(IMAGE_KINDS)], w, h, seed0 + i)
-        else:
-            image = image_embeds_input(
-                family, random_image_embeds(embed_tokens, hidden, dtype, seed0 + i))
-        prompts.append({"prompt": text, "multi_modal_data": {"image": image}})
-    return prompts
+    return image_prompts(tokenizer, family, count, seed0, IMAGE_SIZE[family],
+                         embed_tokens=embed_tokens, hidden=hidden, dtype=dtype,
+                         given_embeds=given_embeds)
 
 
 def _install_timers(worker_obj) -> None:
