@@ -11,7 +11,8 @@ import pytest
 from vllm_glimpse.testing import tiny_models
 from vllm_glimpse.testing.tiny_models import MODEL_NAMES, tiny_model_path
 
-IMAGE_SIZE = {"qwen2_5_vl": 448, "llava": 336, "llava_next": 336}
+IMAGE_SIZE = {"qwen2_5_vl": 448, "llava": 336, "llava_next": 336, "qwen3_vl": 448,
+              "qwen3_vl_moe": 448, "qwen2_vl": 448}
 # Official hub layouts, which vLLM's default loader maps (transformers 5 converts them on load).
 WEIGHT_PREFIXES = {
     "qwen2_5_vl": ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.", "visual."),
@@ -19,6 +20,9 @@ WEIGHT_PREFIXES = {
               "multi_modal_projector."),
     "llava_next": ("language_model.model.", "language_model.lm_head.",
                    "vision_tower.vision_model.", "multi_modal_projector.", "image_newline"),
+    "qwen3_vl": ("model.language_model.", "model.visual.", "lm_head."),
+    "qwen3_vl_moe": ("model.language_model.", "model.visual.", "lm_head."),
+    "qwen2_vl": ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.", "visual."),
 }
 
 
@@ -88,7 +92,7 @@ def test_files_and_token_ids(paths, name):
     assert text_cfg.vocab_size >= len(tok)
     assert text_cfg.hidden_size // text_cfg.num_attention_heads == 64
     ids = tok.convert_tokens_to_ids
-    if name == "qwen2_5_vl":
+    if name.startswith("qwen"):
         assert cfg.image_token_id == ids("<|image_pad|>")
         assert cfg.video_token_id == ids("<|video_pad|>")
         assert cfg.vision_start_token_id == ids("<|vision_start|>")
@@ -141,8 +145,10 @@ def test_transformers_generate(paths, name):
     n_red, red = run("What is in the image?", imgs["red"])
     _, noise = run("What is in the image?", imgs["noise"])
     _, red_other_text = run("Describe the colors in this picture.", imgs["red"])
-    if name == "qwen2_5_vl":
+    if name in ("qwen2_5_vl", "qwen2_vl"):
         assert n_red == 256  # 448x448, patch 14, merge 2
+    elif name.startswith("qwen3_vl"):
+        assert n_red == 196  # 448x448, patch 16, merge 2
     elif name == "llava":
         assert n_red == 576  # 336x336, patch 14
     assert len(red) == 8 and len(set(red)) > 2

@@ -628,7 +628,8 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_QWEN3_VL_MEAN_STD = [0.5, 0.5, 0.5]  # Qwen3-VL's preprocessor_config.json
+_QWEN3_VL_MEAN_STD = [0.5, 0.5, 0.5]
+_QWEN3_QK_NORM_GAIN = 2.0  # Qwen3-VL's preprocessor_config.json
 
 
 def _qwen_family_files(out: pathlib.Path, tok: dict, ids: dict, chat_template: str,
@@ -692,7 +693,8 @@ def _build_qwen3_vl(out: pathlib.Path, moe: bool) -> None:
         head_dim=head_dim, hidden_act="silu", max_position_embeddings=8192,
         initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, attention_bias=False,
         attention_dropout=0.0, rope_parameters=rope, bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False, dtype="float32",
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, dtype="float32",
     )
     # 2I != H, so a transposed expert tensor cannot pass for an untransposed one.
     experts, expert_inter = 4, 96
@@ -708,9 +710,12 @@ def _build_qwen3_vl(out: pathlib.Path, moe: bool) -> None:
     prefix = "model.language_model"
     _llm_weights(w, prefix, "lm_head", vocab, hidden, _LLM["num_hidden_layers"], heads, 2,
                  _LLM["intermediate_size"], qkv_bias=False, no_emit=sorted(ids.values()))
-    for i in range(_LLM["num_hidden_layers"]):  # Qwen3: RMSNorm on each head's q and k
-        w.norm(f"{prefix}.layers.{i}.self_attn.q_norm", head_dim, False)
-        w.norm(f"{prefix}.layers.{i}.self_attn.k_norm", head_dim, False)
+    for i in range(_LLM["num_hidden_layers"]):
+        # Qwen3 RMS-normalises each head's q and k, which undoes _QK_GAIN on the projections:
+        # the norms' weights carry it instead (sharper attention, a more discriminative model).
+        for norm in ("q_norm", "k_norm"):
+            w.normal(f"{prefix}.layers.{i}.self_attn.{norm}.weight", (head_dim,),
+                     0.1 * _QWEN3_QK_NORM_GAIN, mean=_QWEN3_QK_NORM_GAIN)
         if moe:  # the dense MLP gives way to the router and the fused experts
             p = f"{prefix}.layers.{i}.mlp"
             for proj in ("gate_proj", "up_proj", "down_proj"):
