@@ -141,10 +141,6 @@ def _language_attention_impls(model) -> list[str]:
     return [type(layer.self_attn.attn.impl).__name__ for layer in model._glimpse_text_model().layers]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _generate_checking_blocks(llm, specs, max_tokens):
     """Greedy outputs of ``specs`` (one batch, stepped by hand), with the KV pool checked: after
     the first step, which prefills every request and prunes every image request, the free
@@ -154,6 +150,7 @@ def _generate_checking_blocks(llm, specs, max_tokens):
     Returns (the final ``RequestOutput`` of each spec, the length each request held after the
     prefill step)."""
     from vllm import SamplingParams
+    from vllm.utils.math_utils import cdiv
 
     from vllm_glimpse.testing.workloads import build_request
 
@@ -184,7 +181,7 @@ def _generate_checking_blocks(llm, specs, max_tokens):
         if specs[i].images:  # pruned in this step: its images consumed, its original kept
             assert not request.mm_features, specs[i]
             assert request.request_id in scheduler.glimpse_originals, specs[i]
-    assert pool.get_num_free_blocks() == total - sum(_cdiv(n, block_size) for n in held.values())
+    assert pool.get_num_free_blocks() == total - sum(cdiv(n, block_size) for n in held.values())
     while engine.has_unfinished_requests():
         collect(engine.step())
     assert pool.get_num_free_blocks() == total, "every block is back once all requests finished"
@@ -385,6 +382,8 @@ def _record_scores_with_reference(monkeypatch) -> list[tuple[torch.Tensor, torch
     (``backend="torch"``: a plain gather of each key from the same paged cache) on the same
     arguments; the pairs are returned to the test (an assertion inside the forward would only
     show as an engine failure)."""
+    import sys
+
     from vllm_glimpse.kernels import glimpse_triton
 
     pairs = []
@@ -396,7 +395,11 @@ def _record_scores_with_reference(monkeypatch) -> list[tuple[torch.Tensor, torch
         pairs.append((out.cpu(), want.cpu()))
         return out
 
-    monkeypatch.setattr(glimpse_triton, "glimpse_attention_logits", scored_with_reference)
+    # wherever the plugin holds the launcher (its module, and any module that imported it by name)
+    for name, module in list(sys.modules.items()):
+        if ((name == "vllm_glimpse" or name.startswith("vllm_glimpse."))
+                and getattr(module, "glimpse_attention_logits", None) is launcher):
+            monkeypatch.setattr(module, "glimpse_attention_logits", scored_with_reference)
     return pairs
 
 
@@ -431,7 +434,9 @@ def test_glimpse_flash_attention_triton_path(tiny_models, checkpoints, hf_glimps
     engine is compared with HF in the test above; here both runs execute the same FlashAttention
     kernels on the same inputs and differ only in how the prune step reads and moves the cache
     (scores agree to float32 summation order, checked below, and K/V moves are exact copies),
-    so any difference in tokens is the Triton path's.
+    so any difference in tokens is the Triton path's. (Only two VIP logits tied at the keep
+    boundary to within what that summation order can change after the VIP's own half-precision
+    rounding could make the two runs keep different tokens.)
     """
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("vLLM's FlashAttention needs compute capability 8.0 or newer")
