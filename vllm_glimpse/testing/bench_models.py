@@ -15,6 +15,9 @@ CLIP-L / Qwen ViT would dominate a small LLM and hide what VisionZip saves in th
 * ``qwen2_5_vl``: Qwen2.5-VL layout. ViT patch 14, merge 2 (a 448x448 image → 256 tokens),
   4 blocks of width 256 (window attention, full attention in blocks 1 and 3), Qwen2 LLM hidden
   1024, 22 layers, 16 heads / 2 KV heads (head_dim 64, GQA as in Qwen2.5-VL-3B), MLP 3840.
+* ``qwen3_vl``: Qwen3-VL layout. ViT patch 16, merge 2 (a 448x448 image → 196 tokens, 896 →
+  784), 4 full-attention blocks of width 256 with DeepStack taps after blocks 0, 1 and 2, Qwen3
+  LLM hidden 1024, 22 layers, 16 heads / 2 KV heads (head_dim 64, q/k norms), MLP 3072.
 
 Cached under ``$VLLM_GLIMPSE_CACHE`` (default ``~/.cache/vllm-glimpse``) in
 ``bench-models/<name>-<version>``; about 1.2 GB each (float32 safetensors; ``llava_large`` 5.5 GB),
@@ -42,7 +45,7 @@ __all__ = ["BENCH_VERSION", "BENCH_MODEL_NAMES", "bench_model_path", "parameter_
 #: Bump whenever the generator's output changes, so stale caches are not reused.
 BENCH_VERSION = "v1"
 
-BENCH_MODEL_NAMES = ("llava", "llava_large", "qwen2_5_vl")
+BENCH_MODEL_NAMES = ("llava", "llava_large", "qwen2_5_vl", "qwen3_vl")
 
 LLAVA_LLM = dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16,
                  num_key_value_heads=16, intermediate_size=3584)
@@ -58,6 +61,12 @@ QWEN_LLM = dict(hidden_size=1024, num_hidden_layers=22, num_attention_heads=16,
                 num_key_value_heads=2, intermediate_size=3840)
 QWEN_VIT = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
                 fullatt_block_indexes=[1, 3])
+# Qwen3-VL: the same LLM size as "qwen2_5_vl" (Qwen3 layers: q/k norms, no qkv bias), MLP 3072;
+# ViT of 4 full-attention blocks with DeepStack taps after blocks 0-2 (the 2B model taps 3 of 24).
+QWEN3_LLM = dict(hidden_size=1024, num_hidden_layers=22, num_attention_heads=16,
+                 intermediate_size=3072)
+QWEN3_VIT = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
+                 deepstack_visual_indexes=[0, 1, 2])
 
 
 def _build_llava(out: pathlib.Path, llm: dict | None = None) -> None:
@@ -201,6 +210,8 @@ _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "llava": _build_llava,
     "llava_large": lambda out: _build_llava(out, LLAVA_LARGE_LLM),
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen3_vl": lambda out: _t._build_qwen3_vl(out, moe=False, llm=QWEN3_LLM, vit=QWEN3_VIT,
+                                               seed=3303),
 }
 
 # Weight-name prefixes of the parts, per family.
@@ -212,6 +223,10 @@ _PARTS = {
                    "projector": ("visual.merger.",)},
 }
 _PARTS["llava_large"] = _PARTS["llava"]
+_PARTS["qwen3_vl"] = {
+    "llm": ("model.language_model.", "lm_head."),
+    "vision": ("model.visual.blocks.", "model.visual.patch_embed.", "model.visual.pos_embed."),
+    "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list.")}
 
 
 def _check_name(name: str) -> None:

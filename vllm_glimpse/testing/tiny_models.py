@@ -667,29 +667,36 @@ def _qwen_family_config(arch: str, model_type: str, ids: dict, vocab: int, text:
     )
 
 
-def _build_qwen3_vl(out: pathlib.Path, moe: bool) -> None:
+_QWEN3_VIT = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=2,
+                  deepstack_visual_indexes=[0, 1, 2])
+
+
+def _build_qwen3_vl(out: pathlib.Path, moe: bool, llm: dict | None = None,
+                    vit: dict | None = None, seed: int | None = None) -> None:
     """``Qwen3VLForConditionalGeneration`` in the ``Qwen/Qwen3-VL-*-Instruct`` layout
     (``model.language_model.*``, ``model.visual.*``, ``lm_head``): patch 16, a ViT of
     full-attention blocks with three DeepStack taps, Qwen3 LLM (q/k norms) with interleaved
-    M-RoPE. A 448x448 image gives 196 image tokens. ``moe``: ``Qwen3VLMoeForConditionalGeneration``
+    M-RoPE. A 448x448 image gives 196 image tokens. ``llm`` / ``vit`` / ``seed``: other sizes
+    (the bench models; LLM head_dim 64, 2 KV heads). ``moe``: ``Qwen3VLMoeForConditionalGeneration``
     as ``Qwen/Qwen3-VL-30B-A3B-Instruct``, every LLM layer a mixture of 4 experts (top 2), the
     experts' weights fused per layer as on the hub (``mlp.experts.gate_up_proj`` [E, H, 2I],
     ``mlp.experts.down_proj`` [E, I, H], ``mlp.gate`` the router)."""
     tok = _qwen_tokenizer_json()
     vocab = _tokenizer_size(tok)
     ids = {t: _token_id(tok, t) for t, _ in _QWEN_ADDED_TOKENS}
-    hidden, heads, head_dim = _LLM["hidden_size"], _LLM["num_attention_heads"], 64
+    llm = _LLM if llm is None else llm
+    hidden, heads, head_dim = llm["hidden_size"], llm["num_attention_heads"], 64
     vision = dict(
-        model_type="qwen3_vl", depth=4, hidden_size=128, hidden_act="gelu_pytorch_tanh",
-        intermediate_size=256, num_heads=2, in_channels=3, patch_size=16, spatial_merge_size=2,
+        model_type="qwen3_vl", **(_QWEN3_VIT if vit is None else vit),
+        hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=2304,
-        deepstack_visual_indexes=[0, 1, 2], initializer_range=0.02,
+        initializer_range=0.02,
     )
     # Qwen3-VL's mrope_section [24, 20, 20] for head_dim 128, halved for head_dim 64.
     rope = {"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True,
             "rope_theta": 5000000.0}
     text = dict(
-        model_type="qwen3_vl_text", vocab_size=vocab, **_LLM, num_key_value_heads=2,
+        model_type="qwen3_vl_text", vocab_size=vocab, **llm, num_key_value_heads=2,
         head_dim=head_dim, hidden_act="silu", max_position_embeddings=8192,
         initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, attention_bias=False,
         attention_dropout=0.0, rope_parameters=rope, bos_token_id=ids["<|endoftext|>"],
@@ -706,11 +713,11 @@ def _build_qwen3_vl(out: pathlib.Path, moe: bool) -> None:
     config = _qwen_family_config(
         "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration",
         "qwen3_vl_moe" if moe else "qwen3_vl", ids, vocab, text, vision)
-    w = _Init(seed=3030 if moe else 3003)
+    w = _Init(seed=seed if seed is not None else 3030 if moe else 3003)
     prefix = "model.language_model"
-    _llm_weights(w, prefix, "lm_head", vocab, hidden, _LLM["num_hidden_layers"], heads, 2,
-                 _LLM["intermediate_size"], qkv_bias=False, no_emit=sorted(ids.values()))
-    for i in range(_LLM["num_hidden_layers"]):
+    _llm_weights(w, prefix, "lm_head", vocab, hidden, llm["num_hidden_layers"], heads, 2,
+                 llm["intermediate_size"], qkv_bias=False, no_emit=sorted(ids.values()))
+    for i in range(llm["num_hidden_layers"]):
         # Qwen3 RMS-normalises each head's q and k, which undoes _QK_GAIN on the projections:
         # the norms' weights carry it instead (sharper attention, a more discriminative model).
         for norm in ("q_norm", "k_norm"):
