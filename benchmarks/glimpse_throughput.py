@@ -75,7 +75,7 @@ KV blk/req after prefill, max resident (a ``*`` marks a count capped by M), proc
 per request of the median batch, and the mean 1-minute load average during the timed batches
 (about 1 per thread when nothing else runs; more means the timings shared the CPU).
 
-Ratios are glimpse / vanilla measured in the same run. Goals (issue text): req/s >= 2.5x vanilla
+Ratios are glimpse / vanilla measured in the same run. The project's goals: req/s >= 2.5x vanilla
 (checked on both throughput measurements),
 KV blocks held after prefill <= 10% of vanilla, most requests resident at once >= 5x vanilla.
 """
@@ -126,7 +126,7 @@ DEFAULT_DTYPE = "bfloat16"
 PATCH, MERGE = 14, 2
 UNIT = PATCH * MERGE  # 28 pixels per image token side
 DEFAULT_IMAGE_SIDE = 1092  # 39 x 39 = 1521 image tokens
-MIN_IMAGE_TOKENS = 1500  # the issue: >= 1,500 image tokens per image
+MIN_IMAGE_TOKENS = 1500  # the workload this benchmark is for: >= 1,500 image tokens per image
 
 GOAL_SPEEDUP = 2.5
 GOAL_HELD = 0.10

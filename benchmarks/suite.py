@@ -449,7 +449,7 @@ def print_online(name: str, res: dict[str, Any]) -> None:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report's tables in Markdown (what the README's results section shows)."""
+    """The report's tables in Markdown (``results.md``; docs/benchmarks.md shows them)."""
     def rng(q, spec=".2f"):
         return f"{q['median']:{spec}} ({q['min']:{spec}}–{q['max']:{spec}})"
 
