@@ -1,10 +1,14 @@
-"""`vllm serve <Qwen3-VL> --plugin visionzip` as users run it (one server for the module): chat
-completions with images equal to HF transformers + the reference VisionZip, per-request budgets
-through ``mm_processor_kwargs``, each request's pruning stats in the response and the Prometheus
-metrics on ``/metrics``."""
+"""`vllm serve <Qwen3-VL | Qwen2-VL> --plugin visionzip` as users run it (one server per model):
+chat completions with images equal to HF transformers + the reference VisionZip, per-request
+budgets through ``mm_processor_kwargs``, each request's pruning stats in the response and the
+Prometheus metrics on ``/metrics``."""
 
 import pytest
-from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 
 from tests.reference import visionzip_qwen_family_hf as ref
 from tests.test_serve import _data_url, metric_delta, running_server, scrape_metrics
@@ -16,9 +20,18 @@ MAX_TOKENS = 8
 IMAGES = [ImageSpec("checker", 640, 360, 2), ImageSpec("noise", 280, 504, 3)]
 
 
+MODELS = {"qwen3_vl": ("Qwen3-VL", Qwen3VLForConditionalGeneration),
+          "qwen2_vl": ("Qwen2-VL", Qwen2VLForConditionalGeneration)}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def name(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def path():
-    return str(tiny_model_path("qwen3_vl"))
+def path(name):
+    return str(tiny_model_path(name))
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +44,8 @@ def server(path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(path):
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+def hf(name, path):
+    model = MODELS[name][1].from_pretrained(path, attn_implementation="eager")
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -59,7 +72,7 @@ def test_chat_completion_equals_reference_with_stats(server, hf, ratios):
     equals HF + the reference VisionZip, the prompt holds D + C tokens per image, and the
     response carries the request's pruning stats."""
     model, processor = hf
-    client, name = _client(server)
+    client, served = _client(server)
     images = [spec.build() for spec in IMAGES]
     question = "Compare the two images."
     extra = {"ignore_eos": True, "return_token_ids": True}
@@ -67,7 +80,7 @@ def test_chat_completion_equals_reference_with_stats(server, hf, ratios):
         extra["mm_processor_kwargs"] = {"visionzip_dominant_ratio": ratios[0],
                                         "visionzip_contextual_ratio": ratios[1]}
     response = client.chat.completions.create(
-        model=name, messages=_messages(images, question), temperature=0.0, max_tokens=MAX_TOKENS,
+        model=served, messages=_messages(images, question), temperature=0.0, max_tokens=MAX_TOKENS,
         extra_body=extra)
     ratios = ratios or (0.65, 0.05)
     prompt = chat_prompt(processor.tokenizer, question, 2)
@@ -87,33 +100,34 @@ def test_chat_completion_equals_reference_with_stats(server, hf, ratios):
 
 
 @pytest.mark.slow
-def test_bad_request_budget_is_a_400_and_the_server_keeps_serving(server):
+def test_bad_request_budget_is_a_400_and_the_server_keeps_serving(server, name):
     from openai import BadRequestError
 
-    client, name = _client(server)
+    client, served = _client(server)
     messages = _messages([IMAGES[0].build()], "What is this?")
     with pytest.raises(BadRequestError) as info:
         client.chat.completions.create(
-            model=name, messages=messages, max_tokens=1,
+            model=served, messages=messages, max_tokens=1,
             extra_body={"mm_processor_kwargs": {"visionzip_dominant": 54}})
     assert info.value.status_code == 400
-    assert "visionzip on Qwen3-VL takes ratios of each image's tokens" in str(info.value)
+    assert (f"visionzip on {MODELS[name][0]} takes ratios of each image's tokens"
+            in str(info.value))
     assert "not visionzip_dominant" in str(info.value)
-    ok = client.chat.completions.create(model=name, messages=messages, max_tokens=1)
+    ok = client.chat.completions.create(model=served, messages=messages, max_tokens=1)
     assert ok.usage.completion_tokens == 1
 
 
 @pytest.mark.slow
 def test_prometheus_metrics_count_each_request(server, hf):
     _, processor = hf
-    client, name = _client(server)
+    client, served = _client(server)
     images = [IMAGES[1].build()]
     before_metrics = scrape_metrics(server)
     for _ in range(2):
-        client.chat.completions.create(model=name, messages=_messages(images, "Describe it."),
+        client.chat.completions.create(model=served, messages=_messages(images, "Describe it."),
                                        max_tokens=2)
     client.chat.completions.create(
-        model=name, messages=[{"role": "user", "content": "Count to three."}], max_tokens=2)
+        model=served, messages=[{"role": "user", "content": "Count to three."}], max_tokens=2)
     after_metrics = scrape_metrics(server)
     (before,) = _unpruned(processor, images)
     after = sum(visionzip_counts(before, 0.65, 0.05))
