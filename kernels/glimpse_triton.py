@@ -7,8 +7,9 @@ Backends (as in :mod:`vllm_glimpse.kernels.visionzip_triton`), chosen by ``backe
 
 - ``"triton"``: the Triton kernels. CUDA tensors, or CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1`` before triton is first imported in the process).
-- ``"cpu"``: vectorised torch (gathers from the cache tensor, a segment sort for the ranks);
-  device-agnostic, but it synchronises with the host (``nonzero``, validation).
+- ``"cpu"``: vectorised torch (gathers from the cache tensor; for the top-k, a stable sort of
+  each request that needs one); device-agnostic, but it synchronises with the host
+  (``nonzero``, validation). The engine's path on CPU.
 - ``"torch"``: the reference: a loop over requests, gathering one key at a time from the paged
   cache, the engine's :func:`vllm_glimpse.glimpse.modules.glimpse_attention_scores` for the
   logits and :func:`vllm_glimpse.glimpse.keep_rule.keep_mask` for the rule.
@@ -20,7 +21,8 @@ Public API::
                              scale=None, *, seq_lens=None, backend="auto")     # float32 [T, H]
     glimpse_attention_logits_reference(...)                                   # same arguments
     keep_and_compact(scores, offsets, *, threshold=0.5, max_remain_ratio=None, min_remain_num=1,
-                     fixed_remain_ratio=None, trim=True, backend="auto")       # KeepResult
+                     fixed_remain_ratio=None, force_keep=None, trim=True,
+                     backend="auto")                                           # KeepResult
     keep_and_compact_reference(...)
     HAS_TRITON, INTERPRETED, BACKENDS
 
@@ -29,13 +31,19 @@ head_dim]`` with any strides (``kv_cache[0]`` of the ``[2, num_blocks, ...]`` te
 ``block_table [B, max_blocks]`` (int32 in vLLM); token ``p`` of request ``b`` lives at
 ``key_cache[block_table[b, p // block_size], p % block_size]``. fp8 caches are not supported
 (they need the layer's k_scale). The CPU attention backend packs K/V in an ISA-dependent layout:
-on CPU give these functions the post-RoPE keys in the plain layout above (e.g. kept from the
-layer's forward), not ``layer.kv_cache``.
+on CPU give these functions the post-RoPE keys in the plain layout above, not
+``layer.kv_cache`` (the engine's CPU path reads them back through the probed block layout of
+:mod:`vllm_glimpse.engine.kv` and scores them a request at a time).
+
+Used by the engine's prune step (:mod:`vllm_glimpse.engine.prune_step`): the logits on a
+FlashAttention cache, ``keep_and_compact`` for every request's keep rule (``trim=False``).
 
 Host synchronisation on the Triton path: none in :func:`glimpse_attention_logits`; in
 :func:`keep_and_compact` exactly one, only with ``trim=True`` (the default): reading the total kept
 count to cut ``kept_index`` to its length. With ``trim=False`` it returns ``[T]``-sized buffers
-whose tail (from ``kept_offsets[-1]`` on) holds -1, and nothing waits for the device. Inputs are
+whose tail (from ``kept_offsets[-1]`` on) holds -1, and nothing waits for the device (pass
+per-request rule parameters as device tensors). Top-k ranks come from two stable sorts of the
+whole batch (O(T log T)), not from pairwise counting. Inputs are
 not validated on the Triton path (that would need syncs): positions beyond a request's blocks,
 offsets that do not add up, or NaN scores give unspecified results there; the CPU and torch
 paths raise.

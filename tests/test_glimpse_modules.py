@@ -378,3 +378,17 @@ def test_vip_rope_in_chunks_is_exact(monkeypatch):
         monkeypatch.setattr(modules, "ROPE_CHUNK_ROWS", 8)
         chunked = m(attn, feats, grid)
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vip_rope_half_by_half_equals_textbook_form(dtype):
+    """The VIP's RoPE written half by half gives the bits of x * cos + rotate_half(x) * sin in
+    float32, cast back (transformers' apply_rotary_pos_emb_vision)."""
+    from vllm_glimpse.glimpse import modules
+
+    rotary = modules.GridRotaryEmbedding(48).to(dtype)
+    cos, sin = rotary.cos_sin(grid_positions([(7, 9), (4, 4)]))
+    x = (torch.randn(79, 4, 96, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    xf, c, s = x.float(), cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    want = (xf * c + modules._rotate_half(xf) * s).to(dtype)
+    assert torch.equal(modules._apply_rope(x, cos, sin), want)

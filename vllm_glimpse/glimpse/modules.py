@@ -131,15 +131,16 @@ def grid_positions(grid_hw: Sequence[Sequence[int]] | torch.Tensor, device=None)
     ``image_grid_thw[:, 1:] // spatial_merge_size``, one entry per frame; LLaVA-1.5: (24, 24)).
     Returns ``[sum(h*w), 2]`` long.
     """
+    # Built on the host and copied once (no per-image kernels, nothing waits for the device).
     out = []
     for h, w in (grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw):
         h, w = int(h), int(w)
-        rows = torch.arange(h, device=device).unsqueeze(1).expand(h, w).reshape(-1)
-        cols = torch.arange(w, device=device).unsqueeze(0).expand(h, w).reshape(-1)
+        rows = torch.arange(h).unsqueeze(1).expand(h, w).reshape(-1)
+        cols = torch.arange(w).unsqueeze(0).expand(h, w).reshape(-1)
         out.append(torch.stack([rows, cols], dim=-1))
     if not out:
         return torch.zeros(0, 2, dtype=torch.long, device=device)
-    return torch.cat(out, dim=0)
+    return torch.cat(out, dim=0).to(device, non_blocking=True)
 
 
 class GridRotaryEmbedding(nn.Module):
@@ -153,18 +154,22 @@ class GridRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
         self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        """``positions [N, 2]`` (row, col) -> angles ``[N, 2 * len(inv_freq)]`` in inv_freq's dtype."""
+    def forward(self, positions: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """``positions [N, 2]`` (row, col) -> angles ``[N, 2 * len(inv_freq)]`` in inv_freq's dtype.
+        ``size``: more than the largest position (read from ``positions`` when not given, which
+        waits for the device)."""
         if positions.numel() == 0:
             return self.inv_freq.new_zeros(0, 2 * self.inv_freq.numel())
-        size = int(positions.max()) + 1
+        if size is None:
+            size = int(positions.max()) + 1
         seq = torch.arange(size, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
         table = torch.outer(seq, self.inv_freq)  # [size, dim/2]
         return table[positions.to(self.inv_freq.device)].flatten(1)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor,
+                size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) ``[N, qk_head_dim]``: the angles duplicated (``cat((rot, rot), -1)``)."""
-        ang = self(positions)
+        ang = self(positions, size)
         emb = torch.cat((ang, ang), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -174,23 +179,42 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-#: Rows per chunk of the VIP's float32 RoPE: its temporaries are bounded by a chunk (about 10 MB at
-#: the released q/k width of 768) instead of growing with the batch's image tokens.
-ROPE_CHUNK_ROWS = 4096
+#: Rows per chunk of the VIP's float32 RoPE on the CPU: its temporaries (about 4 float32 copies
+#: of the rows) stay bounded (a few MB at the released q/k width of 768) whatever the batch's
+#: image tokens. On CUDA it runs in one pass: there the launch count matters, and the prune
+#: step's transient tensors sit well below the MLP activations every decoder layer holds.
+ROPE_CHUNK_ROWS = 256
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb_vision`` for one of q/k: ``x [N, heads, D]``.
+    """transformers' ``apply_rotary_pos_emb_vision`` for one of q/k: ``x [N, heads, D]``,
+    computed in float32 and cast back. Written half by half: with x = [x1, x2] and the halves
+    of cos / sin equal (the angles are duplicated), ``x * cos + rotate_half(x) * sin`` is
+    ``[x1 c - x2 s, x2 c + x1 s]``, the same float operations without rotate_half's copies.
     Elementwise, so computing it a chunk of rows at a time gives the same values."""
-    if x.shape[0] <= ROPE_CHUNK_ROWS:
-        xf = x.float()
-        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        return (xf * c + _rotate_half(xf) * s).to(x.dtype)
-    out = torch.empty_like(x)
-    for start in range(0, x.shape[0], ROPE_CHUNK_ROWS):
-        rows = slice(start, start + ROPE_CHUNK_ROWS)
-        out[rows] = _apply_rope(x[rows], cos[rows], sin[rows])
-    return out
+    return _apply_rope_(x.clone(), cos, sin)
+
+
+def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_apply_rope` in place (each chunk's inputs are read into float32 before its rows
+    are written): for a fresh projection output, no second tensor of its size."""
+    step = x.shape[0] if x.is_cuda else ROPE_CHUNK_ROWS
+    for start in range(0, x.shape[0], max(step, 1)):
+        rows = slice(start, start + step)
+        _rope_rows_(x[rows], cos[rows], sin[rows])
+    return x
+
+
+def _rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """(``cos`` / ``sin`` as :meth:`GridRotaryEmbedding.cos_sin` gives them: halves equal.)"""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].unsqueeze(-2).float(), sin[..., :half].unsqueeze(-2).float()
+    # x1 must be a copy even in float32 (the first half is written before the second is
+    # computed); x2 is read only before its half is written.
+    x1, x2 = x[..., :half].to(torch.float32, copy=True), x[..., half:].float()
+    # x1*c + (-x2)*s == x1*c - x2*s exactly (negation is exact in IEEE arithmetic)
+    x[..., :half] = x1 * c - x2 * s
+    x[..., half:] = x2 * c + x1 * s
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -205,9 +229,10 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dropped. What a GPU wants for a batch of images (one kernel, not one per image); the result
     equals the per-group loop up to the kernel's float rounding."""
     heads, n, _ = q.shape
-    lens = torch.as_tensor(list(seq_lens), device=q.device)
+    lens = torch.as_tensor(list(seq_lens)).to(q.device, non_blocking=True)
     groups, longest = lens.numel(), int(max(seq_lens))
-    group = torch.repeat_interleave(torch.arange(groups, device=q.device), lens)
+    # output_size given: repeat_interleave need not read the lengths back from the device
+    group = torch.repeat_interleave(torch.arange(groups, device=q.device), lens, output_size=n)
     starts = torch.cumsum(lens, 0) - lens
     slot = torch.arange(n, device=q.device) - starts[group]
 
@@ -252,8 +277,9 @@ class ConditionalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         qk_in = torch.cat([x, cond], dim=-1) if cond is not None else x
-        q = _apply_rope(self.q_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
-        k = _apply_rope(self.k_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
+        q = _apply_rope_(self.q_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
+        k = _apply_rope_(self.k_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
+        del qk_in  # (memory: not needed past here)
         v = self.v_proj(x)
         if self.fa2_value_layout:
             v = torch.cat([v, v.new_ones(n, self.cond)], dim=-1)
@@ -272,11 +298,11 @@ class ConditionalSelfAttention(nn.Module):
         elif self.padded_groups if self.padded_groups is not None else q.is_cuda:
             out = _attend_padded(q, k, v, seq_lens)
         else:
-            parts = [
-                _attend(qs, ks, vs)
-                for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v)))
-            ]
-            out = torch.cat(parts, dim=1)
+            out = q.new_empty(q.shape[0], n, v.shape[-1])
+            start = 0
+            for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v))):
+                out[:, start:start + qs.shape[1]] = _attend(qs, ks, vs)
+                start += qs.shape[1]
         out = out[..., :v_dim].transpose(0, 1).reshape(n, -1)
         if self.fa2_value_layout:
             out = out[..., : self.hidden]
@@ -375,7 +401,8 @@ class VisualImportancePredictor(nn.Module):
             return attn_logits.new_zeros(0, dtype=dtype)
 
         h = self.attn_in_proj(attn_logits.to(device=device, dtype=dtype))
-        cos, sin = self.rotary.cos_sin(positions)
+        grids = grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw
+        cos, sin = self.rotary.cos_sin(positions, max(max(int(a), int(b)) for a, b in grids))
 
         seq_lens = [int(a) * int(b) for a, b in
                     (grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw)]
@@ -481,9 +508,11 @@ def glimpse_attention_scores(
     kv_heads = keys.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not split over {kv_heads} KV heads")
-    if kv_heads != heads:
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-    scores = torch.einsum("hd,shd->hs", query, keys.to(query.dtype))  # [heads, S]
+    # GQA: query head h reads KV head h // (heads / kv_heads), as repeat_kv; grouped here rather
+    # than repeating the keys (a [S, heads, D] copy, 7x the keys on Qwen2.5-VL-7B).
+    group = heads // kv_heads
+    scores = torch.einsum("kgd,skd->kgs", query.view(kv_heads, group, d),
+                          keys.to(query.dtype)).reshape(heads, -1)  # [heads, S]
     scores = scores / math.sqrt(d) if scale is None else scores * scale
     if not use_attention_logits:
         scores = torch.log_softmax(scores, dim=-1)
