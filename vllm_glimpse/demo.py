@@ -209,6 +209,8 @@ def format_table(model: str, runs: list[MethodRun], specs, show_text: bool) -> s
         lines.append(f"{run.method:<10} image tokens {before} -> {after}, KV blocks {blocks}, "
                      f"{len(run.rows)} requests in {run.generate_s:.2f} s "
                      f"(engine start {run.start_s:.1f} s)")
+    lines.append("Wall times are one cold run on a tiny model, not a speed comparison "
+                 "(benchmarks/ measures speed).")
     lines.append("The tiny models' weights are random, so the generated text is noise: the demo "
                  "shows what each method keeps, not answers.")
     return "\n".join(lines)
