@@ -153,3 +153,85 @@ def test_batch_tensors():
     assert math.isnan(batch.max_remain_ratio[0]) and batch.max_remain_ratio[2] == 0.1
     assert batch.min_remain_num.tolist() == [1, 1, 3, 1, 0]
     assert batch.force_keep.sum() == 2  # the two anchors of request 2
+
+
+def test_memory_profiling_holds_the_prune_step_reservation():
+    """vLLM sizes the KV cache from the peak of the runner's profile_run, whose dummy batch never
+    prunes: our runner holds the model's reservation for the prune step during it, and only then."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_glimpse.engine.runner import GlimpseRunnerMixin
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.empty.memory_format:
+                self.sizes.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+
+    class Model:
+        glimpse_enabled = True
+
+        @staticmethod
+        def glimpse_profile_reserve_bytes(num_tokens):
+            return 3 * num_tokens
+
+    class Base:
+        def profile_run(self):
+            seen.append(list(tracker.sizes))
+            return "profiled"
+
+    class Runner(GlimpseRunnerMixin, Base):
+        max_num_tokens = 1000
+        device = torch.device("meta")
+
+        def get_model(self):
+            return Model()
+
+    tracker = Allocations()
+    with tracker:
+        assert Runner().profile_run() == "profiled"
+    assert seen == [[[3000]]]
+
+
+def test_reservation_covers_what_the_dummy_forward_does_not():
+    """The reservation is the prune step's bound beyond the MLP activations the dummy forward
+    already holds at every layer; with a cache that cannot be read back, at least the K/V of
+    layers 0..K held across the step."""
+    from types import SimpleNamespace
+
+    from vllm_glimpse.glimpse import GlimpseConfig
+    from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
+
+    cfg = GlimpseConfig(family="qwen2_5_vl", hidden_size=3584, num_attention_heads=28,
+                        num_hidden_layers=28, vision_hidden_size=1280, rms_norm_eps=1e-6,
+                        selected_layers=(18,), reduce_layer=18, selected_visual_layers=(31, 23, 15, 7),
+                        use_attention_logits=True)
+
+    def model(impl_name, intermediate):
+        impl = type(impl_name, (), {"kv_cache_dtype": "auto"})()
+        attn = SimpleNamespace(impl=impl, num_kv_heads=4, head_size=128)
+        text = SimpleNamespace(intermediate_size=intermediate)
+        lm = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        return SimpleNamespace(
+            glimpse_enabled=True, glimpse_checkpoint=SimpleNamespace(config=cfg),
+            __dict__={}, config=SimpleNamespace(get_text_config=lambda: text),
+            _glimpse_text_model=lambda: lm,
+        ), attn
+
+    def reserve(impl_name, intermediate, tokens=10_000):
+        m, attn = model(impl_name, intermediate)
+        m.__dict__["_glimpse_recorders"] = [SimpleNamespace(attn=attn)]
+        return GlimpseModelMixin.glimpse_profile_reserve_bytes(m, tokens)
+
+    # Qwen2.5-VL-7B's MLP (18944) holds far more than the prune step needs: nothing to add.
+    assert reserve("FlashAttentionImpl", 18944) == 0
+    # A model with a small MLP: the excess is reserved.
+    assert reserve("FlashAttentionImpl", 64) > 0
+    # Unreadable cache (any other backend): K and V of layers 0..K for every token, at least.
+    assert reserve("TritonAttentionImpl", 18944) >= 19 * 10_000 * 2 * 4 * 128 * 2
