@@ -35,3 +35,18 @@ def test_contextual_merge_matches_reference(ops, num_members, num_targets, hidde
 def test_contextual_merge_rejects_bad_assignment(ops):
     with pytest.raises(RuntimeError, match=r"assignment\[1\] = 7 is outside \[0, 3\)"):
         ops.contextual_merge(torch.zeros(2, 4), torch.tensor([0, 7]), torch.zeros(3, 4))
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(ops):
+    """torch's loader waits forever on its ``lock`` file; a build killed mid-way leaves one."""
+    import subprocess
+    import sys
+
+    from vllm_glimpse.cpu_ops import _build_dir, _csrc_dir
+
+    (_build_dir(_csrc_dir()) / "lock").write_text("")
+    code = ("from vllm_glimpse.cpu_ops import cpu_ops; "
+            "print(cpu_ops(required=True).contextual_merge.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "contextual_merge" in proc.stdout
