@@ -93,7 +93,8 @@ def same_on_all_ranks(values: torch.Tensor) -> torch.Tensor:
     if tensor_parallel_size() == 1:
         return values
     data = values.contiguous().clone()
-    _tp_group().broadcast(data, src=0)
+    # as bytes: every backend broadcasts uint8 (gloo's support for bfloat16 and bool varies)
+    _tp_group().broadcast(data.view(-1).view(torch.uint8), src=0)
     return data
 
 
