@@ -25,15 +25,12 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_glimpse.models.qwen2_5_vl import (
-    _rotated_query_key,
-    media_positions,
-    merged_scores_and_keys,
-)
+from vllm_glimpse.models.qwen2_5_vl import media_positions, merged_scores_and_keys
 from vllm_glimpse.models.qwen3_vl import (
     QwenFamilyVisionZipModelMixin,
     QwenFamilyVisionZipProcessorMixin,
 )
+from vllm_glimpse.parallel import mean_over_head_shards
 
 
 class GlimpseQwen2VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
@@ -68,6 +65,18 @@ class GlimpseQwen2VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
         return media_positions(t, h, w, tokens_per_second)
 
 
+def _rotated_query_key(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The block's post-RoPE query and key [S, heads of this rank, head_dim], as its attention
+    computes them. Qwen2-VL's ``qkv`` is not split per rank into [q | k | v]: under tensor
+    parallelism the attention gathers it and takes each rank's heads (``split_qkv``), so do we."""
+    attn = block.attn
+    qkv, _ = attn.qkv(block.norm1(hidden))  # [S, 1, 3 * heads * head_dim] (this rank's shard)
+    query, key, _ = attn.split_qkv(qkv)  # [S, 1, heads, head_dim] each
+    qk = torch.cat([query, key], dim=1).transpose(0, 1)  # [2, S, heads, head_dim]
+    query, key = attn.apply_rotary_emb(qk, cos, sin).unbind(0)
+    return query, key
+
+
 def qwen2_vit_with_visionzip_inputs(
     visual, pixel_values: torch.Tensor, grid_thw: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,4 +102,5 @@ def qwen2_vit_with_visionzip_inputs(
     in_order = torch.arange(merged.shape[0], device=merged.device)
     merge_unit = visual.spatial_merge_size**2
     scores, keys = merged_scores_and_keys(query, key, sizes, merge_unit, in_order)
-    return merged, scores, keys
+    # Tensor parallel (mm_encoder_tp_mode "weights"): this rank's means cover its heads only.
+    return merged, *mean_over_head_shards([scores, keys], heads_split=last.attn.tp_size > 1)

@@ -66,6 +66,7 @@ from vllm_glimpse.models.qwen2_5_vl import (
     media_positions,
     merged_scores_and_keys,
 )
+from vllm_glimpse.parallel import mean_over_head_shards
 from vllm_glimpse.settings import (
     PruningSettingsError,
     split_request_knobs,
@@ -190,11 +191,6 @@ class QwenFamilyVisionZipModelMixin:
         self.needs_mrope_recompute = self.visionzip_ratios is not None
         if self.visionzip_ratios is None:
             return
-        if self.use_data_parallel or self.visual.blocks[0].attn.tp_size > 1:
-            raise PruningSettingsError(
-                f"visionzip on {variant_for(hf_config).display_name} needs the whole vision "
-                "encoder on one device (tensor_parallel_size 1): it scores tokens with all "
-                "attention heads")
         # vLLM's own flag for models whose embeddings carry positions: it also keeps the
         # encoder out of CUDA graphs, which would bypass embed_multimodal.
         self.is_multimodal_pruning_enabled = True
@@ -417,4 +413,6 @@ def qwen3_vit_with_visionzip_inputs(
     # The patches are in merge-group order already (no windows): the identity permutation.
     in_order = torch.arange(merged.shape[0], device=merged.device)
     scores, keys = merged_scores_and_keys(query, key, sizes, visual.spatial_merge_unit, in_order)
-    return merged, scores, keys
+    # Tensor parallel (mm_encoder_tp_mode "weights"): this rank's means cover its heads only.
+    return merged, *mean_over_head_shards(
+        [scores, keys], heads_split=visual.blocks[scoring_block].attn.tp_size > 1)
