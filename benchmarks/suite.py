@@ -21,6 +21,9 @@ workload                  model                                    image tokens 
                           hidden 256 x 4 layers, CLIP 336/14)      base + 2 x 2 crops)
 ``qwen-448/896/1344``     Qwen2.5-VL bench model (0.31B: Qwen2     256 / 1,024 / 2,304
                           hidden 1024 x 22 layers, ViT 4 blocks)
+``qwen3-896``             Qwen3-VL bench model (0.27B: Qwen3       784 (896 px, patch 16)
+                          hidden 1024 x 22 layers, ViT 4 blocks,
+                          3 DeepStack taps)
 ========================  =======================================  ==========================
 
 The bench models (``vllm_glimpse.testing.bench_models``, random weights, real image-token
@@ -32,7 +35,7 @@ Configurations per workload, each in its own fresh process (``benchmarks/common.
 
 * ``vanilla``: vLLM without the plugin (``VLLM_PLUGINS=""``);
 * ``visionzip``: LLaVA D + C = 54 + 10 per image (per crop on NeXT, the authors' split),
-  Qwen2.5-VL ratios 0.10 / 0.02 (about 11 % of the image's tokens);
+  Qwen2.5-VL and Qwen3-VL ratios 0.10 / 0.02 (about 11 % of the image's tokens);
 * ``glimpse``: GlimpsePrune with a synthetic checkpoint for the bench model
   (``vllm_glimpse.testing.glimpse_bench``: K = int(0.6 L)), keep ratio forced to 0.10
   (``fixed_ratio``; random VIP weights decide nothing meaningful) -- a budget like VisionZip's.
@@ -111,7 +114,7 @@ GLIMPSE_RATIO = 0.10
 @dataclass
 class Workload:
     name: str
-    family: str  # llava | llava_next | qwen2_5_vl
+    family: str  # llava | llava_next | qwen2_5_vl | qwen3_vl
     side: int  # square images of side x side px
     methods: tuple[str, ...]
     image_tokens: int  # per request, unpruned
@@ -125,8 +128,10 @@ WORKLOADS = {
     "qwen-448": Workload("qwen-448", "qwen2_5_vl", 448, ("visionzip", "glimpse"), 16 * 16),
     "qwen-896": Workload("qwen-896", "qwen2_5_vl", 896, ("visionzip", "glimpse"), 32 * 32),
     "qwen-1344": Workload("qwen-1344", "qwen2_5_vl", 1344, ("visionzip", "glimpse"), 48 * 48),
+    # Qwen3-VL: no GlimpsePrune checkpoint exists for it
+    "qwen3-896": Workload("qwen3-896", "qwen3_vl", 896, ("visionzip",), 28 * 28),
 }
-QUICK_WORKLOADS = ("llava-336", "llava_next-anyres", "qwen-448")
+QUICK_WORKLOADS = ("llava-336", "llava_next-anyres", "qwen-448", "qwen3-896")
 
 
 def kept_tokens(w: Workload, method: str) -> int:
@@ -134,7 +139,7 @@ def kept_tokens(w: Workload, method: str) -> int:
     from vllm_glimpse.settings import visionzip_counts
 
     if method == "visionzip":
-        if w.family == "qwen2_5_vl":
+        if w.family.startswith("qwen"):
             return sum(visionzip_counts(w.image_tokens, VISIONZIP_QWEN["dominant_ratio"],
                                         VISIONZIP_QWEN["contextual_ratio"]))
         # LLaVA-NeXT: D + C per crop, base image included (the authors' NeXT code)
@@ -156,7 +161,7 @@ def configs_for(w: Workload) -> list[Config]:
     for method in w.methods:
         if method == "visionzip":
             out.append(Config("visionzip", "visionzip",
-                              VISIONZIP_QWEN if w.family == "qwen2_5_vl" else VISIONZIP_LLAVA))
+                              VISIONZIP_QWEN if w.family.startswith("qwen") else VISIONZIP_LLAVA))
         else:
             out.append(Config("glimpse", "glimpse", {"fixed_ratio": GLIMPSE_RATIO}))
     out.append(Config("limit", "limit", limit_tokens={m: kept_tokens(w, m) for m in w.methods}))
@@ -241,6 +246,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = llm.get_tokenizer()
     hf_config = llm.llm_engine.model_config.hf_config
     hidden = hf_config.get_text_config().hidden_size
+    if spec["family"] == "qwen3_vl":  # image embeddings carry each DeepStack tap's channels too
+        hidden *= 1 + len(hf_config.vision_config.deepstack_visual_indexes)
     dtype = llm.llm_engine.model_config.dtype
     if cfg.kind == "limit":
         result["throughput"] = {
