@@ -326,3 +326,16 @@ def test_request_budget_out_of_range_is_refused_in_one_line(engine):
     with pytest.raises(ValueError, match="visionzip_dominant_ratio \\+ "
                        "visionzip_contextual_ratio = 0.9 \\+ 0.2 exceeds 1"):
         engine.generate([request], use_tqdm=False)
+
+
+def test_extreme_aspect_ratio_is_refused_in_one_line(engine):
+    """The HF processor refuses an aspect ratio of 200:1 or more; the request fails with a
+    line naming the image and the limit, and the engine keeps serving."""
+    tokenizer = engine.get_tokenizer()
+    bad = build_request(tokenizer, types.SimpleNamespace(
+        text="Hi.", images=(ImageSpec("noise", 1000, 4, 0),)))
+    with pytest.raises(ValueError, match="image 1 is 1000x4 px: Qwen3-VL takes images whose "
+                                         "longer side is less than 200 times the shorter one"):
+        engine.generate([bad], use_tqdm=False)
+    good = build_request(tokenizer, mixed_batch()[5])
+    assert len(engine.generate([good], use_tqdm=False)[0].outputs[0].token_ids) > 0
