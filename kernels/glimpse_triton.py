@@ -56,9 +56,9 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_glimpse.kernels._backend import BACKENDS, check_backend, resolve_backend
 from vllm_glimpse.glimpse.keep_rule import keep_mask as _keep_mask_rule
 from vllm_glimpse.glimpse.modules import glimpse_attention_scores as _glimpse_attention_scores
+from vllm_glimpse.kernels._backend import BACKENDS, resolve_backend
 
 try:
     import triton

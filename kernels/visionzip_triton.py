@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import torch
 
-from vllm_glimpse.kernels._backend import BACKENDS, check_backend, resolve_backend
+from vllm_glimpse.kernels._backend import resolve_backend
 from vllm_glimpse.visionzip import (
     contextual_targets,
-    segment_mean_merge as _segment_mean_merge_cpu,
     segment_mean_merge_reference,
+)
+from vllm_glimpse.visionzip import (
+    segment_mean_merge as _segment_mean_merge_cpu,
 )
 
 try:
@@ -141,7 +143,8 @@ if HAS_TRITON:
         row_sum = tl.zeros([BLOCK_Q], tl.float32)
         for start in range(0, S, BLOCK_K):
             offs_k = start + tl.arange(0, BLOCK_K)
-            k_t = tl.load(k_ptr + offs_k[None, :] * stride_ks + head * stride_kh + offs_d[:, None] * stride_kd,
+            k_t = tl.load(k_ptr + offs_k[None, :] * stride_ks + head * stride_kh
+                          + offs_d[:, None] * stride_kd,
                           mask=(offs_k[None, :] < S) & (offs_d[:, None] < D), other=0.0)
             logits = tl.dot(q, k_t, input_precision=PRECISION) * scale
             logits = tl.where(offs_k[None, :] < S, logits, float("-inf"))
@@ -434,7 +437,8 @@ if HAS_TRITON:
         t_row = tl.load(target_rows_ptr + c)
         target = tl.load(target_ptr + t_row * stride_tr + offs_h * stride_th, mask=h_mask, other=0.0)
         merged = target.to(tl.float32) + acc / count
-        tl.store(out_ptr + c * stride_or + offs_h * stride_oh, merged.to(out_ptr.dtype.element_ty), mask=h_mask)
+        tl.store(out_ptr + c * stride_or + offs_h * stride_oh, merged.to(out_ptr.dtype.element_ty),
+                 mask=h_mask)
 
 
 # Whether @triton.jit built interpreted functions (TRITON_INTERPRET=1 when this module was

@@ -13,7 +13,8 @@ def ops():
     return cpu_ops(required=True)  # fails the test if the op cannot be built here
 
 
-@pytest.mark.parametrize("num_members, num_targets, hidden", [(523, 10, 128), (5, 8, 64), (0, 3, 16), (1, 1, 1)])
+@pytest.mark.parametrize("num_members, num_targets, hidden",
+                         [(523, 10, 128), (5, 8, 64), (0, 3, 16), (1, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_contextual_merge_matches_reference(ops, num_members, num_targets, hidden, dtype):
     gen = torch.Generator().manual_seed(num_members + hidden)

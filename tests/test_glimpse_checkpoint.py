@@ -95,7 +95,8 @@ def authors_state(n_blocks=2, hidden=HIDDEN, heads=HEADS, layers=LAYERS, vision=
         fuser[a + "attn.k_proj.weight"] = r(FUSE + COND, FUSE + COND)
         fuser[a + "attn.v_proj.weight"], fuser[a + "attn.o_proj.weight"] = r(FUSE, FUSE), r(FUSE, FUSE)
         for p in ("gate", "up"):
-            fuser[a + f"mlp.{p}_proj.weight"], fuser[a + f"mlp.{p}_proj.bias"] = r(2 * FUSE, FUSE), r(2 * FUSE)
+            fuser[a + f"mlp.{p}_proj.weight"] = r(2 * FUSE, FUSE)
+            fuser[a + f"mlp.{p}_proj.bias"] = r(2 * FUSE)
         fuser[a + "mlp.down_proj.weight"], fuser[a + "mlp.down_proj.bias"] = r(FUSE, 2 * FUSE), r(FUSE)
     last = n_blocks - 1
     fuser[f"attn_out_projs.{last}.weight"], fuser[f"attn_out_projs.{last}.bias"] = r(1, FUSE), r(1)
@@ -182,7 +183,8 @@ def test_settings_override_config_json(tmp_path, qbase):
     d = write(tmp_path, qwen_ckpt_config(max_remain_ratio=0.5, reduce_threshold=0.4))
     s = GlimpseSettings(threshold=0.3, max_ratio=0.111, min_keep=3, layer=3)
     cfg = read_glimpse_config(d, qbase, s)
-    assert (cfg.reduce_threshold, cfg.max_remain_ratio, cfg.min_remain_num, cfg.reduce_layer) == (0.3, 0.111, 3, 3)
+    got = (cfg.reduce_threshold, cfg.max_remain_ratio, cfg.min_remain_num, cfg.reduce_layer)
+    assert got == (0.3, 0.111, 3, 3)
     assert cfg.selected_layers == (2,)  # K moves, the VIP's input layer stays
     cfg = read_glimpse_config(d, qbase, GlimpseSettings(fixed_ratio=0.25))
     assert cfg.fixed_remain_ratio == 0.25 and cfg.keep_rule.fixed_remain_ratio == 0.25
@@ -200,7 +202,8 @@ def test_settings_errors(tmp_path, qbase):
         read_glimpse_config(d, qbase, GlimpseSettings(fixed_ratio=0.2, max_ratio=0.3))
     with pytest.raises(PruningSettingsError, match=r"K = 1 comes before layer 2.*K must be >= 2"):
         read_glimpse_config(d, qbase, GlimpseSettings(layer=1))
-    with pytest.raises(PruningSettingsError, match=r"K = 4 \(reduce_layer\) is not a layer of this 4-layer model"):
+    with pytest.raises(PruningSettingsError,
+                       match=r"K = 4 \(reduce_layer\) is not a layer of this 4-layer model"):
         read_glimpse_config(d, qbase, GlimpseSettings(layer=4))
 
 
@@ -236,7 +239,8 @@ def test_path_is_a_file(tmp_path, qbase):
 
 @pytest.mark.parametrize("which", ["weights", "config"])
 def test_missing_file(tmp_path, qbase, which):
-    d = write(tmp_path, config=False if which == "config" else None, state=False if which == "weights" else None)
+    d = write(tmp_path, config=False if which == "config" else None,
+              state=False if which == "weights" else None)
     name = "new_modules_gp.pt" if which == "weights" else "config.json"
     with pytest.raises(PruningSettingsError) as e:
         load_glimpse_checkpoint(d, qbase)
@@ -297,13 +301,16 @@ def test_wrong_base_model(tmp_path, base_kw, text):
 
 
 def test_wrong_model_family(tmp_path):
-    with pytest.raises(PruningSettingsError, match="made for a qwen2_5_vl base model .* model_type is 'llava'"):
+    with pytest.raises(PruningSettingsError,
+                       match="made for a qwen2_5_vl base model .* model_type is 'llava'"):
         load_glimpse_checkpoint(write(tmp_path), llava_base())
 
 
 def test_not_a_glimpse_checkpoint(tmp_path, qbase):
     d = write(tmp_path, {"model_type": "qwen2_5_vl", "hidden_size": HIDDEN})
-    with pytest.raises(PruningSettingsError, match="model_type 'qwen2_5_vl'; a GlimpsePrune checkpoint has model_type 'qwen2_5_vl_gp' or 'llava_llama_gp'"):
+    with pytest.raises(PruningSettingsError,
+                       match="model_type 'qwen2_5_vl'; a GlimpsePrune checkpoint has model_type "
+                             "'qwen2_5_vl_gp' or 'llava_llama_gp'"):
         load_glimpse_checkpoint(d, qbase)
 
 

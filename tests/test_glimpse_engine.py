@@ -15,13 +15,18 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from vllm import SamplingParams
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
-from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.settings import LOGGER_NAME
+from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.testing.generate import make_llm, shutdown
 from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import build_request, mixed_batch
@@ -189,10 +194,11 @@ def _run_alone(llm, requests, params):
 
 @pytest.mark.parametrize("family, num_requests", [("qwen2_5_vl", 200), ("llava", 60)])
 def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, family, num_requests):
-    """200 mixed requests (60 on LLaVA, whose prompts are longer) through a small KV cache, with forced preemption of every running
-    request at three steps (vLLM's ``reset_prefix_cache(reset_running_requests=True)``): pruned
-    requests are recomputed from their original prompt; some requests are aborted while waiting
-    or running. Every other request gives the tokens it gives alone, and no block leaks."""
+    """200 mixed requests (60 on LLaVA, whose prompts are longer) through a small KV cache, with
+    forced preemption of every running request at three steps (vLLM's
+    ``reset_prefix_cache(reset_running_requests=True)``): pruned requests are recomputed from
+    their original prompt; some requests are aborted while waiting or running. Every other
+    request gives the tokens it gives alone, and no block leaks."""
     specs = mixed_batch()
     knobs = {"checkpoint": checkpoints[family], "fixed_ratio": 0.25}
     # the longest prompt fits (LLaVA: 576 tokens per image), and barely more

@@ -76,7 +76,9 @@ def test_min_keep_after_max_ratio():
 def test_fixed_ratio_is_plain_top_k_and_ignores_the_rest():
     x = torch.tensor([0.5, -4.0, 3.0, 2.0, -1.0, 9.0, 0.0])
     assert idx(keep_mask(x, fixed_remain_ratio=0.3)) == [2, 5]  # int(2.1) = 2
-    assert idx(keep_mask(x, fixed_remain_ratio=0.3, threshold=0.99, max_remain_ratio=0.01, min_remain_num=5)) == [2, 5]
+    mask = keep_mask(x, fixed_remain_ratio=0.3, threshold=0.99, max_remain_ratio=0.01,
+                     min_remain_num=5)
+    assert idx(mask) == [2, 5]
     assert idx(keep_mask(x, fixed_remain_ratio=0.01)) == [5]  # at least one
     assert idx(keep_mask(x, fixed_remain_ratio=1.0)) == list(range(7))
     assert idx(keep_mask(-torch.ones(4) * 10, fixed_remain_ratio=0.5)) == [0, 1]  # below threshold too

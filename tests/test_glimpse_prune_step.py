@@ -50,10 +50,9 @@ def _batch():
     logits = []
     for i, req in enumerate(requests):
         n = sum(s.length for s in req.images)
-        if i == 2:  # few distinct values: ties across the top-k cut
-            x = torch.randint(-1, 2, (n,), generator=gen).float()
-        else:
-            x = torch.randn(n, generator=gen) * 2
+        # request 2: few distinct values, so ties across the top-k cut
+        x = (torch.randint(-1, 2, (n,), generator=gen).float() if i == 2
+             else torch.randn(n, generator=gen) * 2)
         if i == 3:
             x[5] = float("nan")
             x[7] = float("inf")

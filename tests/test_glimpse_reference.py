@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen, qwen_pool_to_raster
+from tests.reference.glimpse_hf import (
+    glimpse_generate,
+    prepare_llava,
+    prepare_qwen,
+    qwen_pool_to_raster,
+)
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import chat_prompt, mixed_batch

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_under_interpreter
-
 from vllm_glimpse.glimpse.keep_rule import keep_mask
 
 KERNELS = "vllm_glimpse.kernels.glimpse_triton"
@@ -268,7 +267,8 @@ def _check_result(result, scores, offsets, masks, trim=True):
     kept = torch.nonzero(mask).squeeze(-1)
     local = torch.cat([torch.nonzero(m).squeeze(-1) for m in masks]) if masks else kept
     counts = [int(m.sum()) for m in masks]
-    assert result.kept_offsets.tolist() == [0] + list(torch.tensor(counts, dtype=torch.long).cumsum(0).tolist())
+    offsets = torch.tensor(counts, dtype=torch.long).cumsum(0).tolist()
+    assert result.kept_offsets.tolist() == [0] + list(offsets)
     pad = [] if trim else [-1] * (scores.numel() - kept.numel())
     assert result.kept_index.dtype == torch.long and result.kept_index.tolist() == kept.tolist() + pad
     assert result.kept_local.tolist() == local.tolist() + pad

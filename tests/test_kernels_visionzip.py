@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 
 import pytest
 import torch
 
-from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_under_interpreter
-
 import vllm_glimpse.visionzip as vz
+from tests.triton_interpreter import IN_CHILD, load_compiled_copy, run_module_under_interpreter
 
 KERNELS = "vllm_glimpse.kernels.visionzip_triton"
 _TRITON = ("triton",) if IN_CHILD else ()
@@ -369,7 +367,8 @@ def test_assign_to_targets_backends(vzt):
     normed_t = target_keys / target_keys.norm(dim=-1, keepdim=True)
     want = torch.tensor([max(range(19), key=lambda t: (normed_m[m] @ normed_t[t]).item()) for m in range(45)])
     for backend in REFERENCE_PATHS:
-        got = vzt.assign_to_targets(member_keys, target_keys, backend=backend, block_m=16, block_t=16, block_d=16)
+        got = vzt.assign_to_targets(member_keys, target_keys, backend=backend, block_m=16,
+                                    block_t=16, block_d=16)
         assert torch.equal(got, want), backend
     with pytest.raises(ValueError, match="at least one target"):
         vzt.assign_to_targets(member_keys, target_keys[:0])
@@ -476,7 +475,6 @@ if IN_CHILD:
 
 
 def test_use_backend_rejects_unknown():
-    with pytest.raises(ValueError, match="backend"):
-        with vz.use_backend("cuda"):
-            pass
+    with pytest.raises(ValueError, match="backend"), vz.use_backend("cuda"):
+        pass
     assert vz._BACKEND == "auto"

@@ -317,6 +317,7 @@ def test_a_method_the_engine_does_not_run_is_a_400(visionzip_server):
         client.chat.completions.create(model=model, messages=messages, max_tokens=1,
                                        extra_body={"mm_processor_kwargs": {"glimpse_threshold": 0.3}})
     assert info.value.status_code == 400
-    assert "'glimpse_threshold' does not apply: this engine runs pruning method 'visionzip'" in str(info.value)
+    assert ("'glimpse_threshold' does not apply: this engine runs pruning method 'visionzip'"
+            in str(info.value))
     ok = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
     assert ok.usage.completion_tokens == 1

@@ -9,12 +9,12 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
+from tests.engine_reference import assert_engine_matches_reference
 from tests.reference.visionzip_hf import (
     llava_generate,
     llava_next_generate,
     llava_visionzip_features,
 )
-from tests.engine_reference import assert_engine_matches_reference
 from vllm_glimpse.testing.workloads import mixed_batch
 from vllm_glimpse.visionzip import visionzip
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from tests.engine_reference import assert_engine_matches_reference
 from tests.reference.visionzip_hf import (
     qwen_generate,
     qwen_greedy,
@@ -20,7 +21,6 @@ from tests.reference.visionzip_hf import (
     qwen_vit_capture,
 )
 from vllm_glimpse.settings import visionzip_counts
-from tests.engine_reference import assert_engine_matches_reference
 from vllm_glimpse.testing.workloads import mixed_batch
 from vllm_glimpse.visionzip import visionzip
 

@@ -170,10 +170,8 @@ def test_every_named_symbol_exists_in_installed_vllm():
     assert len(symbols) > 100, "the registry names fewer symbols than expected: was it parsed?"
     missing = []
     for entry, module, path in symbols:
-        if module in NOT_IMPORTED:
-            why = _resolve_from_source(module, path)
-        else:
-            why = _resolve(module, path)
+        resolve = _resolve_from_source if module in NOT_IMPORTED else _resolve
+        why = resolve(module, path)
         if why is not None:
             missing.append(f"{entry}: `{module}:{path}`: {why}")
     assert not missing, (

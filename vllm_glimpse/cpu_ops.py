@@ -48,7 +48,7 @@ def _build_dir(csrc: Path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_ops(required: bool = False):
     """The compiled extension module, or None (torch fallback) unless ``required``."""
     try:

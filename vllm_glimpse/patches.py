@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
-import sys
 import logging
-from typing import Callable
+import sys
+from collections.abc import Callable
 
 from vllm_glimpse.settings import LOGGER_NAME
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 #: Our log lines go through vLLM's ``vllm`` logger (its handlers and format, in every process).
 LOGGER_NAME = "vllm.vllm_glimpse"
@@ -222,7 +223,7 @@ class PruningConfig:
     # ---- parsing -----------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, method: str = "none", **knobs: Any) -> "PruningConfig":
+    def parse(cls, method: str = "none", **knobs: Any) -> PruningConfig:
         """Parse user input. Knobs set to ``None`` count as not given."""
         if not isinstance(method, str) or method.lower() not in METHODS:
             raise PruningSettingsError(
@@ -245,7 +246,7 @@ class PruningConfig:
         return cls(method=method, **{method: knob_cls(**values)})
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "PruningConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PruningConfig:
         if not data:
             return cls()
         data = dict(data)
@@ -339,7 +340,7 @@ def clip_num_tokens(hf_config: Any) -> int:
     return (vision.image_size // vision.patch_size) ** 2 + 1
 
 
-def visionzip_budget(hf_config: Any, config: "PruningConfig | None" = None) -> tuple[int, int] | None:
+def visionzip_budget(hf_config: Any, config: PruningConfig | None = None) -> tuple[int, int] | None:
     """(dominant, contextual) per image (per crop on NeXT) for LLaVA models running VisionZip,
     else None."""
     config = pruning_config_of(hf_config) if config is None else config
@@ -353,7 +354,7 @@ def visionzip_budget(hf_config: Any, config: "PruningConfig | None" = None) -> t
 
 
 def visionzip_ratios(
-    hf_config: Any, config: "PruningConfig | None" = None
+    hf_config: Any, config: PruningConfig | None = None
 ) -> tuple[float, float] | None:
     """(dominant_ratio, contextual_ratio) for Qwen2.5-VL running VisionZip, else None."""
     config = pruning_config_of(hf_config) if config is None else config

@@ -8,8 +8,8 @@ request; the runner reads them after sampling to shrink the request's state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

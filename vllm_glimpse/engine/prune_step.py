@@ -16,8 +16,8 @@ parameters (the Triton kernels on CUDA; vectorised torch elsewhere), the authors
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -78,7 +78,8 @@ class PruningStatsAsyncScheduler(PruningStatsMixin, AsyncScheduler):
 def pruning_stats_scheduler(*, vllm_config, **kwargs):
     """``scheduler_cls`` of VisionZip engines: vLLM's scheduler of the kind the engine resolved
     (async scheduling is settled after the config hook that names the scheduler), with stats."""
-    cls = PruningStatsAsyncScheduler if vllm_config.scheduler_config.async_scheduling else PruningStatsScheduler
+    async_ = vllm_config.scheduler_config.async_scheduling
+    cls = PruningStatsAsyncScheduler if async_ else PruningStatsScheduler
     return cls(vllm_config=vllm_config, **kwargs)
 
 

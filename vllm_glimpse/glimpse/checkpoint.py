@@ -22,9 +22,10 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -312,7 +313,9 @@ def _check_base(cfg: Mapping[str, Any], family: str, base: Any, source: str) -> 
     base_vision = _get(base, "vision_config")
     have = _get(base_vision, "hidden_size")
     ckpt_vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), Mapping) else {}
-    want = ckpt_vision.get("hidden_size") if family == QWEN else cfg.get("mm_hidden_size", ckpt_vision.get("hidden_size"))
+    want = ckpt_vision.get("hidden_size")
+    if family != QWEN:
+        want = cfg.get("mm_hidden_size", want)
     if have is None and want is None:
         raise _err(source, f"neither the base config nor {CONFIG_NAME} gives the vision tower's hidden size")
     if have is not None and want is not None and int(have) != int(want):
@@ -386,7 +389,7 @@ def parse_glimpse_config(
         top = int(vision_layers) - (1 if family == QWEN else 0)
         bad = [v for v in values["selected_visual_layers"] if not 0 <= v <= top]
         if bad:
-            what = "ViT blocks 0..%d" % top if family == QWEN else "CLIP hidden states 0..%d" % top
+            what = f"ViT blocks 0..{top}" if family == QWEN else f"CLIP hidden states 0..{top}"
             raise _err(source, f"selected_visual_layers {list(values['selected_visual_layers'])} "
                                f"name layers {bad} outside this model's vision tower ({what})")
 
@@ -470,7 +473,8 @@ def read_checkpoint_tensors(path: str | os.PathLike, source: str | None = None) 
         elif isinstance(value, Mapping):
             for key, tensor in value.items():
                 if not isinstance(tensor, torch.Tensor):
-                    raise _err(source, f"{path.name} entry {top}.{key} is a {type(tensor).__name__}, not a tensor")
+                    raise _err(source, f"{path.name} entry {top}.{key} is a "
+                                       f"{type(tensor).__name__}, not a tensor")
                 flat[f"{top}.{key}"] = tensor
         else:
             raise _err(source, f"{path.name} entry {top!r} is a {type(value).__name__}, expected a "

@@ -50,7 +50,7 @@ the authors import):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -312,7 +312,8 @@ class ConditionalSelfAttention(nn.Module):
 class VIPBlock(nn.Module):
     """``AttnFuserLayer``: pre-norm conditional attention and gated MLP, both residual."""
 
-    def __init__(self, hidden: int, cond: int, num_heads: int, act: str, fa2_value_layout: bool = False) -> None:
+    def __init__(self, hidden: int, cond: int, num_heads: int, act: str,
+                 fa2_value_layout: bool = False) -> None:
         super().__init__()
         self.norm1 = RMSNorm(hidden, VIP_NORM_EPS)
         self.norm2 = RMSNorm(hidden, VIP_NORM_EPS)

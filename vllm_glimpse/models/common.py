@@ -14,7 +14,6 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.parallel import sum_over_head_shards
-from vllm_glimpse.stats import TOKENS_BEFORE_FIELD
 from vllm_glimpse.settings import (
     GLIMPSE_REQUEST_KNOBS,
     GlimpseSettings,
@@ -25,6 +24,7 @@ from vllm_glimpse.settings import (
     split_request_knobs,
     visionzip_budget,
 )
+from vllm_glimpse.stats import TOKENS_BEFORE_FIELD
 
 # A GlimpsePrune request's own keep-rule knobs, as a processor output field: [num_images, 4]
 # (threshold, max_ratio, min_keep, fixed_ratio; NaN = not set by the request). Read by the

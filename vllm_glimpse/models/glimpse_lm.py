@@ -313,7 +313,7 @@ class _LazyFeature:
     """One vision layer's features of the batch's image tokens, built when the VIP reaches the
     block that reads them (``.to``), so only one layer's copy exists at a time."""
 
-    def __init__(self, owner: "_ConditionFeatures", index: int) -> None:
+    def __init__(self, owner: _ConditionFeatures, index: int) -> None:
         self.owner, self.index = owner, index
 
     @property

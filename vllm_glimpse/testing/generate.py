@@ -19,8 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vllm_glimpse.testing.workloads import ImageSpec, RequestSpec, build_request
 

@@ -35,8 +35,11 @@ from typing import Any
 
 from vllm_glimpse.testing import tiny_models as _t
 from vllm_glimpse.testing.bench_models import BENCH_VERSION, bench_model_path
-from vllm_glimpse.testing.glimpse_checkpoints import (checkpoint_state, common_fields,
-                                                      write_checkpoint)
+from vllm_glimpse.testing.glimpse_checkpoints import (
+    checkpoint_state,
+    common_fields,
+    write_checkpoint,
+)
 
 __all__ = ["GLIMPSE_BENCH_VERSION", "default_layer", "visual_layers", "bench_checkpoint_config",
            "bench_glimpse_checkpoint", "main"]
