@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 VARIANT_ARCH = {
     "qwen2_5_vl": "GlimpseQwen2_5_VLForConditionalGeneration",
     "llava": "GlimpseLlavaForConditionalGeneration",
-    "llava_next": "GlimpseLlavaNextForConditionalGeneration",
+    "llava_next": "VisionZipLlavaNextForConditionalGeneration",
 }
 
 

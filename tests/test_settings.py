@@ -83,7 +83,7 @@ def test_overrides_switch_architecture_and_carry_settings():
     assert llava.architectures == ["GlimpseLlavaForConditionalGeneration"]
     next_ = PruningOverrides(PruningConfig())(
         LlavaNextConfig(architectures=["LlavaNextForConditionalGeneration"]))
-    assert next_.architectures == ["GlimpseLlavaNextForConditionalGeneration"]
+    assert next_.architectures == ["VisionZipLlavaNextForConditionalGeneration"]
 
 
 def test_vllm_placeholder_probe_passes_through():

@@ -34,7 +34,7 @@ from vllm_glimpse.settings import visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
 
-class GlimpseLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+class VisionZipLlavaNextProcessingInfo(LlavaNextProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         hf_config = self.get_hf_config()
         budget = visionzip_budget(hf_config)
@@ -54,18 +54,18 @@ class GlimpseLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return sum(budget) * (1 + rows * cols)
 
 
-class GlimpseLlavaNextMultiModalProcessor(
+class VisionZipLlavaNextMultiModalProcessor(
     LlavaRequestBudgetMixin, PruningHashMixin, LlavaNextMultiModalProcessor
 ):
     pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseLlavaNextMultiModalProcessor,
-    info=GlimpseLlavaNextProcessingInfo,
+    VisionZipLlavaNextMultiModalProcessor,
+    info=VisionZipLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class GlimpseLlavaNextForConditionalGeneration(
+class VisionZipLlavaNextForConditionalGeneration(
     RequestBudgetModelMixin, LlavaNextForConditionalGeneration
 ):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

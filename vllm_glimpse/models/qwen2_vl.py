@@ -33,7 +33,7 @@ from vllm_glimpse.models.qwen3_vl import (
 from vllm_glimpse.parallel import mean_over_head_shards
 
 
-class GlimpseQwen2VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
+class VisionZipQwen2VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
                                         Qwen2VLMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         self._check_aspect_ratios(mm_items)
@@ -41,11 +41,11 @@ class GlimpseQwen2VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseQwen2VLMultiModalProcessor,
+    VisionZipQwen2VLMultiModalProcessor,
     info=Qwen2VLProcessingInfo,
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
-class GlimpseQwen2VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
+class VisionZipQwen2VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
                                              Qwen2VLForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

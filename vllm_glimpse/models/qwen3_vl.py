@@ -153,7 +153,7 @@ class QwenFamilyVisionZipProcessorMixin(RequestBudgetMixin, PruningHashMixin):
         ]
 
 
-class GlimpseQwen3VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
+class VisionZipQwen3VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
                                         Qwen3VLMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         """Qwen3-VL's processor calls the HF processor itself (not ``_call_hf_processor``), so
@@ -310,21 +310,21 @@ class Qwen3VLVisionZipMixin(QwenFamilyVisionZipModelMixin):
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseQwen3VLMultiModalProcessor,
+    VisionZipQwen3VLMultiModalProcessor,
     info=Qwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class GlimpseQwen3VLForConditionalGeneration(Qwen3VLVisionZipMixin,
+class VisionZipQwen3VLForConditionalGeneration(Qwen3VLVisionZipMixin,
                                              Qwen3VLForConditionalGeneration):
     """Qwen3-VL (dense LLM) with VisionZip."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseQwen3VLMultiModalProcessor,
+    VisionZipQwen3VLMultiModalProcessor,
     info=Qwen3VLMoeProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class GlimpseQwen3VLMoeForConditionalGeneration(Qwen3VLVisionZipMixin,
+class VisionZipQwen3VLMoeForConditionalGeneration(Qwen3VLVisionZipMixin,
                                                 Qwen3VLMoeForConditionalGeneration):
     """Qwen3-VL-MoE (mixture-of-experts LLM, the same ViT) with VisionZip."""
 
