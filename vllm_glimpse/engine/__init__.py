@@ -6,7 +6,10 @@ One file per job:
   images and glimpse token sit in the batch) and what the model answers (who survived).
 * :mod:`vllm_glimpse.models.glimpse_lm` — the model side: the glimpse token, layers 0..K, the
   keep decision at layer K, the survivors through layers K+1.. (where the keep decision is made).
-* :mod:`.kv` — moving the survivors' K/V of layers 0..K into compacted cache slots.
+* :mod:`.prune_step` — the keep decision for every request of the step at once (one VIP call,
+  the keep rule and compaction indices for all requests, one host synchronisation).
+* :mod:`.kv` — where KV is moved: the survivors' K/V of layers 0..K, read back from the paged
+  cache, into compacted cache slots.
 * :mod:`.runner` — the worker side: builds the plan, rebuilds attention metadata mid-forward,
   shrinks the request's state after the step (prompt, block table, positions); platform-neutral,
   mixed into vLLM's V1 runner by :mod:`.gpu_runner` and :mod:`.cpu_runner`.
