@@ -86,13 +86,26 @@ class AttentionRecorder:
 def flash_attention_views(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(key_cache, value_cache) as ``[blocks, block_size, heads, D]`` views when the layer runs
     vLLM 0.32's FlashAttention on a CUDA cache ``[blocks, heads, block_size, 2 * D]`` in the
-    model's dtype (its ``do_kv_cache_update`` takes the same views); else None."""
+    model's dtype (its ``do_kv_cache_update`` takes the same views); else None.
+
+    A CPU cache also qualifies when the Triton kernels run under Triton's interpreter
+    (``TRITON_INTERPRET=1`` when they were imported): the interpreter runs them on CPU tensors,
+    so the tests can drive this exact path (views, fused scoring, scatter) without a GPU."""
     cache = attn.kv_cache
     if (type(attn.impl).__name__ != "FlashAttentionImpl" or attn.impl.kv_cache_dtype != "auto"
-            or not isinstance(cache, torch.Tensor) or not cache.is_cuda or cache.dim() != 4
-            or cache.shape[-1] != 2 * attn.head_size):
+            or not isinstance(cache, torch.Tensor) or cache.dim() != 4
+            or cache.shape[-1] != 2 * attn.head_size
+            or not (cache.is_cuda or _triton_interpreted())):
         return None
     return tuple(cache.transpose(1, 2).split(attn.head_size, dim=-1))
+
+
+def _triton_interpreted() -> bool:
+    """Whether our Triton kernels were built by the interpreter (imported lazily: only a
+    FlashAttention layer on a CPU cache, i.e. a test, gets here)."""
+    from vllm_glimpse.kernels.kv_compaction_triton import INTERPRETED
+
+    return INTERPRETED
 
 
 # -------------------------------------------------------------------------------------------------
