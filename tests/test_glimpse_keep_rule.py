@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vllm_glimpse.glimpse import KeepRule, keep_mask, keep_masks_batched
+from vllm_glimpse.glimpse import KeepRule, keep_mask
 
 
 def logit(p: float) -> float:
@@ -121,17 +121,11 @@ def test_anchor_positions_of_the_first_release():
         keep_mask(x, anchor_positions=("tl",))
 
 
-def test_rule_object_and_batched_helper():
+def test_rule_object():
     rule = KeepRule(threshold=0.5, max_remain_ratio=0.5, min_remain_num=1)
-    a = torch.tensor([3.0, 2.0, 1.0, 0.5])  # 4 survive > 0.5 * 4 -> top 2
-    b = torch.tensor([-3.0, -1.0])  # none survive -> best one
-    c = torch.tensor([1.0, -1.0, 1.0])  # 2/3 > 0.5 -> top int(1.5) = 1, tie -> index 0
-    out = keep_masks_batched(torch.cat([a, b, c]), [4, 2, 3], rule)
-    assert idx(out) == [0, 1, 5, 6]
-    assert torch.equal(out[:4], rule(a)) and torch.equal(out[4:6], rule(b)) and torch.equal(out[6:], rule(c))
-    assert keep_masks_batched(torch.zeros(0), [], rule).shape == (0,)
-    assert idx(keep_masks_batched(torch.tensor([-1.0, -2.0]), [0, 2])) == [0]  # empty sample allowed
-    with pytest.raises(ValueError, match="do not add up"):
-        keep_masks_batched(torch.zeros(5), [2, 2], rule)
+    assert idx(rule(torch.tensor([3.0, 2.0, 1.0, 0.5]))) == [0, 1]  # 4 survive > 0.5 * 4: top 2
+    assert idx(rule(torch.tensor([-3.0, -1.0]))) == [1]  # none survive: the best one
+    assert idx(rule(torch.tensor([1.0, -1.0, 1.0]))) == [0]  # 2/3 > 0.5: top int(1.5), tie -> 0
     anchors = KeepRule(min_remain_num=None, anchor_positions=("br",))
-    assert idx(keep_masks_batched(torch.full((6,), -9.0), [4, 2], anchors, [(2, 2), (1, 2)])) == [3, 5]
+    assert idx(anchors(torch.full((4,), -9.0), (2, 2))) == [3]
+    assert idx(anchors(torch.full((2,), -9.0), (1, 2))) == [1]

@@ -4,7 +4,7 @@
 * :mod:`.modules`: :class:`GlimpsePredictor` = the glimpse token + the VIP (``attn_fuser``),
   named and shaped as the authors' ``new_modules_gp.pt``; :func:`glimpse_attention_scores`.
 * :mod:`.checkpoint`: :func:`load_glimpse_checkpoint` (local directory or HF hub id).
-* :mod:`.keep_rule`: :func:`keep_mask` / :class:`KeepRule` / :func:`keep_masks_batched`.
+* :mod:`.keep_rule`: :func:`keep_mask` / :class:`KeepRule`.
 
 How the pieces are used at inference (authors' transformers_gp/models/qwen2_5_vl/model_gp.py
 ``_glimpse_forward``, ``_append_le``, ``_try_add_le``; llava_gp/.../llava_llama.py likewise):
@@ -38,7 +38,7 @@ from vllm_glimpse.glimpse.checkpoint import (
     resolve_checkpoint_dir,
 )
 from vllm_glimpse.glimpse.config import LLAVA, QWEN, GlimpseConfig
-from vllm_glimpse.glimpse.keep_rule import KeepRule, keep_mask, keep_masks_batched
+from vllm_glimpse.glimpse.keep_rule import KeepRule, keep_mask
 from vllm_glimpse.glimpse.modules import (
     GlimpsePredictor,
     VisualImportancePredictor,
@@ -61,7 +61,6 @@ __all__ = [
     "glimpse_attention_scores",
     "grid_positions",
     "keep_mask",
-    "keep_masks_batched",
     "load_glimpse_checkpoint",
     "parse_glimpse_config",
     "read_checkpoint_tensors",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ANCHOR_NAMES", "KeepRule", "keep_mask", "keep_masks_batched"]
+__all__ = ["ANCHOR_NAMES", "KeepRule", "keep_mask"]
 
 #: Corner names of the first release's ``anchor_positions``.
 ANCHOR_NAMES = ("tl", "tr", "bl", "br")
@@ -122,29 +122,3 @@ class KeepRule:
             anchor_positions=self.anchor_positions,
             grid_hw=grid_hw,
         )
-
-
-def keep_masks_batched(
-    logits: torch.Tensor,
-    lengths: Sequence[int],
-    rule: KeepRule | None = None,
-    grids_hw: Sequence[tuple[int, int] | None] | None = None,
-) -> torch.Tensor:
-    """Apply ``rule`` per sample to concatenated logits ``[sum(lengths)]``.
-
-    ``lengths[b]`` is sample b's image-token count (all its images); ``grids_hw[b]`` its image
-    grid when the rule has anchors. Returns the concatenated bool masks.
-    """
-    rule = rule or KeepRule()
-    flat = logits.reshape(-1)
-    lengths = [int(n) for n in lengths]
-    if any(n < 0 for n in lengths) or sum(lengths) != flat.numel():
-        raise ValueError(f"per-sample lengths {lengths} do not add up to {flat.numel()} logits")
-    if grids_hw is not None and len(grids_hw) != len(lengths):
-        raise ValueError(f"got {len(grids_hw)} grids for {len(lengths)} samples")
-    out = []
-    for b, chunk in enumerate(torch.split(flat, lengths)):
-        out.append(rule(chunk, None if grids_hw is None else grids_hw[b]))
-    if not out:
-        return torch.zeros(0, dtype=torch.bool, device=logits.device)
-    return torch.cat(out)
