@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
+from tests.slots import compacted_slots
 from tests.triton_interpreter import IN_CHILD, run_module_under_interpreter
-from vllm_glimpse.engine.kv import compacted_slots
 from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest
 from vllm_glimpse.engine.prune_step import build_prune_batch, decide
 from vllm_glimpse.glimpse.keep_rule import KeepRule, keep_mask

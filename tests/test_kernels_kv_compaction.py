@@ -132,7 +132,8 @@ def test_cpu_cache_reads_back_what_the_backend_wrote(dtype, block_size, kv_heads
 def test_cpu_move_compacts_survivors_in_place():
     """Survivors' K/V move to the first slots of their request's blocks, a survivor's new slot
     being another survivor's old one (the move reads every survivor before writing)."""
-    from vllm_glimpse.engine.kv import PagedKV, compacted_slots, move_kv
+    from tests.slots import compacted_slots
+    from vllm_glimpse.engine.kv import PagedKV, move_kv
 
     dtype, bs, heads, dim = torch.bfloat16, 32, 2, 64
     layers = [_CPULayer(dtype, bs, heads, dim, num_blocks=6) for _ in range(2)]

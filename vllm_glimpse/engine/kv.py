@@ -38,14 +38,6 @@ from vllm_glimpse.settings import LOGGER_NAME
 logger = logging.getLogger(LOGGER_NAME)
 
 
-def compacted_slots(block_ids: Sequence[int], num_kept: int, block_size: int,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Slots of positions 0..num_kept-1 of a request whose blocks are ``block_ids``."""
-    j = torch.arange(num_kept, dtype=torch.int64)
-    blocks = torch.as_tensor(list(block_ids), dtype=torch.int64)[j // block_size]
-    return (blocks * block_size + j % block_size).to(device)
-
-
 class AttentionRecorder:
     """Records what the prune step needs from an ``Attention`` module's inputs while ``active``.
 
