@@ -27,7 +27,8 @@ Public API::
     HAS_TRITON, INTERPRETED, BACKENDS
 
 Layout (vLLM's FlashAttention backend): ``key_cache [num_blocks, block_size, num_kv_heads,
-head_dim]`` with any strides (``kv_cache[0]`` of the ``[2, num_blocks, ...]`` tensor is fine),
+head_dim]`` with any strides (vLLM 0.32's cache ``[num_blocks, num_kv_heads, block_size,
+2 * head_dim]`` gives it as ``kv_cache.transpose(1, 2).split(head_dim, -1)[0]``),
 ``block_table [B, max_blocks]`` (int32 in vLLM); token ``p`` of request ``b`` lives at
 ``key_cache[block_table[b, p // block_size], p % block_size]``. fp8 caches are not supported
 (they need the layer's k_scale). The CPU attention backend packs K/V in an ISA-dependent layout:

@@ -75,6 +75,8 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
             "max_model_len to the longest prompt you serve to keep them small",
             model_config.max_model_len, sched.max_num_batched_tokens, model_config.max_model_len)
         sched.max_num_batched_tokens = model_config.max_model_len
+        # A whole prompt's images are encoded in the step that prefills it: the encoder budget
+        # and cache must hold as many tokens as that step may schedule.
         sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens,
                                                  model_config.max_model_len)
         sched.encoder_cache_size = max(sched.encoder_cache_size, model_config.max_model_len)

@@ -235,6 +235,8 @@ def cpu_block_layout(attn, block_size: int) -> BlockLayout | str:
         return "the layer's cache is not one tensor"
     if not cache[0].is_contiguous() or cache.stride(0) != cache[0].numel():
         return "cache blocks are not contiguous"
+    # ``attn.isa``: the CPU backend's metadata builder sets it on every layer (vLLM 0.32,
+    # ``CPUAttentionMetadataBuilder._set_isa_to_layers``); the packed layout depends on it.
     key = (type(impl).__qualname__, getattr(attn, "isa", None), tuple(cache.shape[1:]),
            cache.dtype, cache.device.type, block_size, attn.num_kv_heads, attn.head_size,
            attn.head_size_v)

@@ -177,7 +177,7 @@ class GlimpseRunnerMixin:
             names = [n for n in attn_group.layer_names if n in wanted]
             if not names:
                 continue
-            metadata = attn_group.build_metadata(cm, 0)
+            metadata = attn_group.build_metadata(cm, ubatch_idx=0)
             for name in names:
                 context.attn_metadata[name] = metadata
                 context.slot_mapping[name] = slot_mapping
@@ -260,6 +260,7 @@ class GlimpseRunnerMixin:
             total = kept + len(outputs)
             batch.token_ids_cpu[index, :kept] = kept_ids
             batch.token_ids_cpu[index, kept:total] = outputs
+            # vLLM's input batch marks which positions hold token ids (not embeddings).
             batch.is_token_ids[index, :total] = True
             batch.num_tokens_no_spec[index] = total
             batch.num_prompt_tokens[index] = kept

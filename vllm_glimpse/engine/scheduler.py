@@ -154,6 +154,8 @@ class GlimpseScheduler(PruningStatsMixin, Scheduler):
             keep = cdiv(num_tokens, manager.block_size)
             tail = blocks[keep:]
             del blocks[keep:]
+            # The manager counts how many of the request's blocks it has already offered to the
+            # prefix cache; it must not point past the blocks the request still holds.
             if req_id in manager.num_cached_block:
                 manager.num_cached_block[req_id] = min(manager.num_cached_block[req_id], keep)
             manager.block_pool.free_blocks(reversed(tail))
