@@ -27,6 +27,7 @@ def test_quick_cpu_run(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import prune_step_bench as bench
     from vllm_glimpse.engine.prune_step import prune_step_peak_bytes
+    from vllm_glimpse.glimpse.modules import VIP_CHUNK_ROWS
 
     for name, row in rows.items():
         assert row["moved_kv_checked"], name
@@ -36,13 +37,16 @@ def test_quick_cpu_run(tmp_path):
         # The previous engine held q, k, v of every token of layers 0..K; now the glimpse queries
         # and the step's transient tensors, measured.
         assert row["after_bytes"] < row["before_bytes"] / 4, (name, row)
+        # The goal: at most 10% of the KV the prompts occupy (held + transient peak).
+        assert row["after_pct_of_prompt_kv"] <= 10, (name, row["after_pct_of_prompt_kv"])
         shape = bench.MODELS[name]
-        cfg = type("Cfg", (), dict(attn_fuse_size=256, visual_cond_size=512,
+        cfg = type("Cfg", (), dict(attn_fuse_size=256, visual_cond_size=512, attn_fuse_num_heads=4,
                                    selected_layers=(shape.reduce_layer,),
                                    num_attention_heads=shape.heads,
                                    vision_hidden_size=shape.vision_hidden,
                                    reduce_layer=shape.reduce_layer))
         bound = prune_step_peak_bytes(row["tokens"], cfg, num_kv_heads=shape.kv_heads,
-                                      head_size=shape.head_dim, elem_size=2, kv_recorded=False)
+                                      head_size=shape.head_dim, elem_size=2, kv_recorded=False,
+                                      row_chunk=VIP_CHUNK_ROWS)
         assert row["after_transient_peak_bytes"] <= bound, (name, row["after_transient_peak_bytes"], bound)
     assert "qwen2.5-vl-7b" in proc.stdout and "before %" in proc.stdout

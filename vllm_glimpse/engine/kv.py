@@ -107,9 +107,10 @@ def _triton_interpreted() -> bool:
 #: Probe values are digits 1..64 (K) and -1..-64 (V): integers this small are exact in float16,
 #: bfloat16 (8 significant bits) and float32, so a value read back names its digit unambiguously.
 PROBE_DIGIT_BASE = 64
-#: Slots per chunk when gathering from packed blocks: bounds the int64 element-index temporaries
-#: (8 bytes x heads x D per slot, 1 MB per chunk at 4 x 128).
-GATHER_CHUNK_SLOTS = 256
+#: Elements per chunk when gathering from packed blocks: bounds the int64 element-index
+#: temporaries (8 bytes per element gathered, 4x bf16 K/V) at 1 MB whatever the head count
+#: (256 slots at 4 KV heads x 128, 32 slots at LLaVA-1.5-7B's 32 x 128).
+GATHER_CHUNK_ELEMENTS = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,9 @@ class BlockLayout:
         flat = cache.view(cache.shape[0], -1)
         slots = slots.long()
         out = flat.new_empty(slots.shape[0], *index.shape[1:])
-        for start in range(0, slots.shape[0], GATHER_CHUNK_SLOTS):
-            part = slots[start:start + GATHER_CHUNK_SLOTS]
+        step = max(1, GATHER_CHUNK_ELEMENTS // max(1, index[0].numel()))
+        for start in range(0, slots.shape[0], step):
+            part = slots[start:start + step]
             out[start:start + part.shape[0]] = flat[(part // self.block_size)[:, None, None],
                                                     index[part % self.block_size]]
         return out

@@ -26,7 +26,7 @@ from vllm_glimpse.engine.kv import PagedKV
 from vllm_glimpse.engine.plan import GlimpseStepPlan, PruneResult
 from vllm_glimpse.glimpse.config import GlimpseConfig
 from vllm_glimpse.glimpse.keep_rule import ANCHOR_NAMES, KeepRule
-from vllm_glimpse.glimpse.modules import ROPE_CHUNK_ROWS, glimpse_attention_scores
+from vllm_glimpse.glimpse.modules import glimpse_attention_scores
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -273,24 +273,32 @@ def glimpse_layer_logits(batch: PruneBatch, queries: torch.Tensor, kv: PagedKV, 
 
 
 def prune_step_peak_bytes(num_tokens: int, cfg: GlimpseConfig, *, num_kv_heads: int,
-                          head_size: int, elem_size: int, kv_recorded: bool) -> int:
+                          head_size: int, elem_size: int, kv_recorded: bool,
+                          row_chunk: int | None = None) -> int:
     """An upper bound of the bytes the prune step allocates for a step of ``num_tokens`` tokens,
     all of them image tokens of pruning requests (the worst case), summed over its phases (which
     do not all live at once): the keys read back for scoring (and their float32 copy), the
-    glimpse logits (float32, and a copy in the VIP's dtype), the
-    VIP's activations (per token: its hidden state, one layer's vision features and their
-    projection, q / k / v / attention output at the q/k width, the MLP's three tensors, with
-    float32 RoPE temporaries bounded by :data:`ROPE_CHUNK_ROWS` rows), the keep rule's per-token
-    tensors (float32 and int64, a dozen), and one layer's survivors' K/V read back for the move.
-    ``kv_recorded``: the cache cannot be read back, so K and V of layers 0..K are held instead."""
+    glimpse logits (float32, and a copy in the VIP's dtype), the VIP's activations, the keep
+    rule's per-token tensors (float32 and int64, a dozen), and one layer's survivors' K/V read
+    back for the move. ``kv_recorded``: the cache cannot be read back, so K and V of layers 0..K
+    are held instead.
+
+    The VIP (:class:`~vllm_glimpse.glimpse.modules.ConditionalSelfAttention`, one head at a time)
+    holds per token its hidden state, the block's normalised input, attention output and next
+    hidden state, one vision feature map (cast) and its projection, the RoPE angles' cos / sin,
+    and one head's q / k / v / attention output; its row-wise temporaries (q/k input, float32
+    RoPE and norm, the MLP's three tensors) live for ``row_chunk`` rows at a time (the CPU's
+    :data:`VIP_CHUNK_ROWS`; None: all rows, as on CUDA)."""
     T, e = num_tokens, elem_size
+    rows = T if row_chunk is None else min(T, row_chunk)
     fuse, cond = cfg.attn_fuse_size, cfg.visual_cond_size
     qk = fuse + cond
+    d = qk // cfg.attn_fuse_num_heads
     logits = T * len(cfg.selected_layers) * cfg.num_attention_heads * (4 + e)
     keys = T * num_kv_heads * head_size * (e + 4)  # keys read back for scoring, and in float32
-    vip = T * e * (4 * fuse + 2 * cfg.vision_hidden_size + cond + 6 * qk + 3 * 2 * fuse)
-    rope = min(T, ROPE_CHUNK_ROWS) * qk * 4 * 5
+    vip_held = T * (e * (4 * fuse + cfg.vision_hidden_size + cond + d + 4 * d))
+    vip_rows = rows * (e * (qk + 3 * 2 * fuse) + 4 * (5 * d + 3 * fuse))
     keep = T * (4 * 3 + 8 * 12)
     move = T * 2 * num_kv_heads * head_size * e
     held = T * (cfg.reduce_layer + 1) * 2 * num_kv_heads * head_size * e if kv_recorded else 0
-    return logits + keys + vip + rope + keep + move + held
+    return logits + keys + vip_held + vip_rows + keep + move + held

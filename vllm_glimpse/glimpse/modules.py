@@ -179,11 +179,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-#: Rows per chunk of the VIP's float32 RoPE on the CPU: its temporaries (about 4 float32 copies
-#: of the rows) stay bounded (a few MB at the released q/k width of 768) whatever the batch's
-#: image tokens. On CUDA it runs in one pass: there the launch count matters, and the prune
-#: step's transient tensors sit well below the MLP activations every decoder layer holds.
-ROPE_CHUNK_ROWS = 256
+#: Rows per chunk of the VIP's row-wise work on the CPU (projections of q / k, the float32 RoPE,
+#: the MLP): its temporaries stay bounded (a few hundred KB at the released widths) whatever the
+#: batch's image tokens. On CUDA each runs in one pass: there the launch count matters, and the
+#: prune step's transient tensors sit well below the MLP activations every decoder layer holds.
+VIP_CHUNK_ROWS = 256
+ROPE_CHUNK_ROWS = VIP_CHUNK_ROWS
+
+
+def _row_chunks(n: int, on_cuda: bool) -> list[slice]:
+    step = max(n if on_cuda else VIP_CHUNK_ROWS, 1)
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -198,15 +204,16 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`_apply_rope` in place (each chunk's inputs are read into float32 before its rows
     are written): for a fresh projection output, no second tensor of its size."""
-    step = x.shape[0] if x.is_cuda else ROPE_CHUNK_ROWS
-    for start in range(0, x.shape[0], max(step, 1)):
+    step = max(x.shape[0] if x.is_cuda else ROPE_CHUNK_ROWS, 1)
+    for start in range(0, x.shape[0], step):
         rows = slice(start, start + step)
         _rope_rows_(x[rows], cos[rows], sin[rows])
     return x
 
 
 def _rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """(``cos`` / ``sin`` as :meth:`GridRotaryEmbedding.cos_sin` gives them: halves equal.)"""
+    """``cos`` / ``sin`` as :meth:`GridRotaryEmbedding.cos_sin` gives them (halves equal), or
+    only their first half (what the VIP keeps: the same values in half the memory)."""
     half = x.shape[-1] // 2
     c, s = cos[..., :half].unsqueeze(-2).float(), sin[..., :half].unsqueeze(-2).float()
     # x1 must be a copy even in float32 (the first half is written before the second is
@@ -249,7 +256,16 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class ConditionalSelfAttention(nn.Module):
     """The VIP's conditional self-attention (``CondSdpaAttention``; ``CondFA2Attention`` layout
-    with ``fa2_value_layout``)."""
+    with ``fa2_value_layout``).
+
+    Computed one head at a time, each head's q / k projected a chunk of rows at a time (on the
+    CPU): what lives at once is the block's input and projected conditions, one head's q / k / v
+    and attention output, and the output being assembled -- about 2 KB per image token at the
+    released widths instead of every head's q / k / v and their concatenated input (the prune
+    step's working set is sized against the prompt's KV: ``docs/design.md``). Head h's q / k are
+    rows ``[h * d, (h + 1) * d)`` of the q / k projections (``d`` = qk width / heads), as the
+    authors' ``view(n, heads, d)`` split; the values are those of the whole projection up to
+    the matrix kernels' float rounding."""
 
     def __init__(self, hidden: int, cond: int, num_heads: int, fa2_value_layout: bool = False) -> None:
         super().__init__()
@@ -267,6 +283,17 @@ class ConditionalSelfAttention(nn.Module):
         # (the CPU default, whose fused kernel takes no padding mask as cheaply).
         self.padded_groups: bool | None = None
 
+    def value_columns(self, head: int) -> tuple[int, int]:
+        """Columns ``[lo, hi)`` of ``v_proj``'s output (and of the attention output fed to
+        ``o_proj``) that head ``head`` carries. SDPA layout: ``hidden / heads`` each. FA2 layout
+        (``CondFA2Attention``): v is padded with ``cond`` ones to the q/k width before the head
+        split and only the first ``hidden`` output channels are kept, so head h carries the v
+        channels among ``[h * d, (h + 1) * d)`` below ``hidden`` (possibly none); the ones'
+        outputs are dropped, so they need not be built."""
+        width = (self.hidden + self.cond if self.fa2_value_layout else self.hidden) // self.num_heads
+        lo = head * width
+        return min(lo, self.hidden), min(lo + width, self.hidden)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -276,36 +303,43 @@ class ConditionalSelfAttention(nn.Module):
         seq_lens: Sequence[int],
     ) -> torch.Tensor:
         n = x.shape[0]
-        qk_in = torch.cat([x, cond], dim=-1) if cond is not None else x
-        q = _apply_rope_(self.q_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
-        k = _apply_rope_(self.k_proj(qk_in).reshape(n, self.num_heads, -1), cos, sin)
-        del qk_in  # (memory: not needed past here)
-        v = self.v_proj(x)
-        if self.fa2_value_layout:
-            v = torch.cat([v, v.new_ones(n, self.cond)], dim=-1)
-        v = v.reshape(n, self.num_heads, -1)
-        # [heads, N, d]; attention inside each group (image / frame / window), no mask.
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        # torch's fused CPU attention takes only 4-D inputs with v's head dim equal to q's; else
-        # SDPA falls back to the math path, which materialises the [N, N] weights (about 4x
-        # slower in bf16 at 1,521 tokens). Zero channels of v leave the first v_dim outputs as
-        # they were.
-        v_dim = v.shape[-1]
-        if v_dim < q.shape[-1]:
-            v = F.pad(v, (0, q.shape[-1] - v_dim))
-        if len(seq_lens) == 1:
-            out = _attend(q, k, v)
-        elif self.padded_groups if self.padded_groups is not None else q.is_cuda:
-            out = _attend_padded(q, k, v, seq_lens)
-        else:
-            out = q.new_empty(q.shape[0], n, v.shape[-1])
-            start = 0
-            for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v))):
-                out[:, start:start + qs.shape[1]] = _attend(qs, ks, vs)
-                start += qs.shape[1]
-        out = out[..., :v_dim].transpose(0, 1).reshape(n, -1)
-        if self.fa2_value_layout:
-            out = out[..., : self.hidden]
+        d = self.q_proj.out_features // self.num_heads
+        chunks = _row_chunks(n, x.is_cuda)
+        padded = self.padded_groups if self.padded_groups is not None else x.is_cuda
+        out = x.new_empty(n, self.hidden)
+        for head in range(self.num_heads):
+            lo, hi = self.value_columns(head)
+            if lo == hi:
+                continue  # FA2 layout: this head's outputs are all dropped
+            w_q = self.q_proj.weight[head * d:(head + 1) * d]
+            w_k = self.k_proj.weight[head * d:(head + 1) * d]
+            q, k = x.new_empty(n, 1, d), x.new_empty(n, 1, d)
+            for rows in chunks:
+                qk_in = torch.cat([x[rows], cond[rows]], dim=-1) if cond is not None else x[rows]
+                q[rows, 0] = F.linear(qk_in, w_q)
+                k[rows, 0] = F.linear(qk_in, w_k)
+                del qk_in
+                _rope_rows_(q[rows], cos[rows], sin[rows])
+                _rope_rows_(k[rows], cos[rows], sin[rows])
+            # torch's fused CPU attention takes only 4-D inputs with v's head dim equal to q's;
+            # else SDPA falls back to the math path, which materialises the [N, N] weights (about
+            # 4x slower in bf16 at 1,521 tokens). Zero channels of v leave the first hi - lo
+            # outputs as they were.
+            v = F.pad(F.linear(x, self.v_proj.weight[lo:hi]), (0, d - (hi - lo)))
+            q, k, v = (t.view(n, d)[None] for t in (q, k, v))  # [1 head, N, d]
+            if len(seq_lens) == 1:
+                head_out = _attend(q, k, v)
+            elif padded:
+                head_out = _attend_padded(q, k, v, seq_lens)
+            else:
+                head_out = q.new_empty(1, n, d)
+                start = 0
+                for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v))):
+                    head_out[:, start:start + qs.shape[1]] = _attend(qs, ks, vs)
+                    start += qs.shape[1]
+            del q, k, v
+            out[:, lo:hi] = head_out[0, :, :hi - lo]
+            del head_out
         return self.o_proj(out)
 
 
@@ -322,7 +356,11 @@ class VIPBlock(nn.Module):
 
     def forward(self, h, cond, cos, sin, seq_lens):
         h = h + self.attn(self.norm1(h), cond, cos, sin, seq_lens)
-        return h + self.mlp(self.norm2(h))
+        # Row-wise from here: on the CPU a chunk of rows at a time, so the MLP's three
+        # intermediate tensors (twice the hidden width each) stay bounded.
+        for rows in _row_chunks(h.shape[0], h.is_cuda):
+            h[rows] += self.mlp(self.norm2(h[rows]))
+        return h
 
 
 class VisualImportancePredictor(nn.Module):
@@ -403,7 +441,10 @@ class VisualImportancePredictor(nn.Module):
 
         h = self.attn_in_proj(attn_logits.to(device=device, dtype=dtype))
         grids = grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw
-        cos, sin = self.rotary.cos_sin(positions, max(max(int(a), int(b)) for a, b in grids))
+        # The angles' cos / sin without cos_sin's duplicated half: the RoPE reads only the first.
+        angles = self.rotary(positions, max(max(int(a), int(b)) for a, b in grids))
+        cos, sin = angles.cos(), angles.sin()
+        del angles
 
         seq_lens = [int(a) * int(b) for a, b in
                     (grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw)]
@@ -426,10 +467,10 @@ class VisualImportancePredictor(nn.Module):
         for i, block in enumerate(self.layers):
             # One feature map at a time (a lazy sequence builds each only here): the caller's
             # features need not all be materialised at once.
-            cond = vision_feats[i].to(device=device, dtype=dtype)
+            cond = self.cond_in_projs[i](vision_feats[i].to(device=device, dtype=dtype))
             if window_index is not None:
-                cond = cond[window_index]
-            h = block(h, self.cond_in_projs[i](cond), cos, sin, seq_lens)
+                cond = cond[window_index]  # (projected first: a narrower copy)
+            h = block(h, cond, cos, sin, seq_lens)
             del cond
         out = self.attn_out_projs[-1](h).squeeze(-1)
         if window_index is not None:

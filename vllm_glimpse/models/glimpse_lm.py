@@ -41,6 +41,7 @@ from vllm_glimpse.engine.prune_step import (
     prune_step_peak_bytes,
 )
 from vllm_glimpse.glimpse import GlimpseCheckpoint, load_glimpse_checkpoint, request_keep_rule
+from vllm_glimpse.glimpse.modules import VIP_CHUNK_ROWS
 from vllm_glimpse.parallel import gather_head_features, same_on_all_ranks
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
@@ -133,12 +134,14 @@ class GlimpseModelMixin:
         recorder = self.__dict__["_glimpse_recorders"][0]
         attn = recorder.attn
         text = self.config.get_text_config()
-        elem = next(self._glimpse_text_model().parameters()).element_size()
+        weight = next(self._glimpse_text_model().parameters())
+        elem = weight.element_size()
         readable = (type(attn.impl).__name__ == "FlashAttentionImpl"
                     and attn.impl.kv_cache_dtype == "auto")
         peak = prune_step_peak_bytes(num_tokens, cfg, num_kv_heads=attn.num_kv_heads,
                                      head_size=attn.head_size, elem_size=elem,
-                                     kv_recorded=not readable)
+                                     kv_recorded=not readable,
+                                     row_chunk=None if weight.is_cuda else VIP_CHUNK_ROWS)
         held = 0 if readable else (cfg.reduce_layer + 1) * num_tokens * 2 * attn.num_kv_heads \
             * attn.head_size * elem
         mlp = num_tokens * 3 * text.intermediate_size * elem
