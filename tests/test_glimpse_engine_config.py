@@ -5,6 +5,7 @@ Built with ``EngineArgs.create_engine_config`` (no engine starts)."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 from transformers import AutoConfig
@@ -28,15 +29,52 @@ def _config(model, **kwargs):
 
 
 def test_glimpse_turns_on_what_it_needs(tiny_models, qwen_checkpoint):
-    config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096, max_num_batched_tokens=1024,
+    config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096,
                      **vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint))
     assert config.cache_config.enable_prefix_caching is False
     assert config.scheduler_config.enable_chunked_prefill is False
-    assert config.scheduler_config.max_num_batched_tokens >= 4096  # any prompt fits in a step
+    # no step budget given: any prompt the model takes fits in one step
+    assert config.scheduler_config.max_num_batched_tokens == 4096
     assert config.scheduler_config.async_scheduling is False
     assert config.model_config.enforce_eager is True
     assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert config.parallel_config.worker_cls == CPU_WORKER_CLS
+
+
+@pytest.mark.parametrize("given", [None, 1024, 6000])
+def test_step_budget_is_the_longest_prompt(tiny_models, qwen_checkpoint, caplog, given):
+    """max_num_batched_tokens of a GlimpsePrune engine: the user's value, also below
+    max_model_len (it bounds prompts, which the front end refuses beyond it), else max_model_len;
+    the encoder budget follows; the log says what was set and why. (vLLM itself refuses a budget
+    below max_model_len with chunked prefill off.)"""
+    from vllm_glimpse.engine.engine_config import prompt_over_step_budget
+    from vllm_glimpse.settings import LOGGER_NAME
+
+    extra = {} if given is None else {"max_num_batched_tokens": given}
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **extra,
+                         **vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint))
+    sched = config.scheduler_config
+    budget = 4096 if given is None else given
+    assert sched.max_num_batched_tokens == budget
+    assert sched.enable_chunked_prefill is False
+    assert sched.max_num_encoder_input_tokens >= budget and sched.encoder_cache_size >= budget
+    logged = [r.getMessage() for r in caplog.records if "max_num_batched_tokens=" in r.getMessage()]
+    if given == 1024:
+        assert logged == ["vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=1024: "
+                          "prompts up to 1024 tokens are computed, each in one step (chunked "
+                          "prefill off); longer prompts are refused; max_model_len=4096 still "
+                          "bounds prompt plus output"]
+    elif given is None:
+        assert len(logged) == 1 and "max_num_batched_tokens=4096 (was" in logged[0], logged
+        assert "give --max-num-batched-tokens (the longest prompt you serve)" in logged[0]
+    else:
+        assert logged == []  # the user's value, above max_model_len: kept as given, silently
+    assert prompt_over_step_budget(config, budget) is None
+    assert prompt_over_step_budget(config, budget + 1) == (
+        f"The prompt (length {budget + 1}) is longer than max_num_batched_tokens={budget}: "
+        "GlimpsePrune computes a whole prompt in one step; start the engine with a larger "
+        "--max-num-batched-tokens (up to max_model_len=4096)")
 
 
 def test_other_methods_keep_vllm_defaults(tiny_models):
@@ -78,3 +116,18 @@ def test_cli_refuses_conflicting_flags(qwen_checkpoint, dest, flag):
     with pytest.raises(cli.StartupError) as info:
         cli.engine_kwargs_from_cli(args)
     assert f"--plugin glimpse cannot run with {flag}" in str(info.value)
+
+
+def test_cli_step_budget_with_chunked_prefill_off(tiny_models, qwen_checkpoint):
+    """`vllm serve ... --plugin glimpse --no-enable-chunked-prefill --max-num-batched-tokens 1024
+    --max-model-len 4096`: vLLM alone refuses a budget below max_model_len with chunked prefill
+    off; with GlimpsePrune it is the longest prompt, and the engine config keeps it."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    argv = ["--model", str(tiny_models["qwen2_5_vl"]), "--plugin", "glimpse",
+            "--glimpse-checkpoint", qwen_checkpoint, "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens", "1024", "--max-model-len", "4096"]
+    config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
+    assert config.scheduler_config.max_num_batched_tokens == 1024
+    assert config.scheduler_config.enable_chunked_prefill is False

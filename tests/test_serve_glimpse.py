@@ -23,13 +23,17 @@ def checkpoint(tiny_models, tmp_path_factory):
                                      AutoConfig.from_pretrained(path)))
 
 
+# The longest prompt the server computes (one step each): below max_model_len (1024).
+STEP_BUDGET = 768
+
+
 @pytest.fixture(scope="module")
 def glimpse_server(tiny_models, checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
             "--glimpse-fixed-ratio", str(RATIO), "--dtype", "float32",
             "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0", "--max-model-len", "1024",
-            "--trust-request-mm-kwargs"]
+            "--max-num-batched-tokens", str(STEP_BUDGET), "--trust-request-mm-kwargs"]
     with running_server(tiny_models["qwen2_5_vl"], args, log) as url:
         yield url, log
 
@@ -123,17 +127,19 @@ def test_per_request_keep_rule_stats_and_metrics(glimpse_server):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["too_large", "aspect_ratio", "tiny"])
+@pytest.mark.parametrize("case", ["too_large", "over_step_budget", "aspect_ratio", "tiny"])
 def test_image_sizes_the_model_cannot_take(glimpse_server, case):
     """Qwen2.5-VL resizes every image into [min_pixels, max_pixels]: an image whose tokens do not
-    fit the context (max_model_len 1024 here) or of aspect ratio >= 200 is a 400 naming the
-    problem; a 1 x 1 image is upscaled to 28 x 28 (4 tokens) and served. The server goes on."""
+    fit the context (max_model_len 1024 here), or whose prompt is longer than the step budget
+    (768: 868 x 700 px is 31 x 25 = 775 image tokens), or of aspect ratio >= 200 is a 400 naming
+    the problem; a 1 x 1 image is upscaled to 28 x 28 (4 tokens) and served. The server goes on."""
     from openai import BadRequestError, OpenAI
 
     url, _ = glimpse_server
     client = OpenAI(base_url=url, api_key="unused")
     model = client.models.list().data[0].id
-    sizes = {"too_large": (1400, 1400), "aspect_ratio": (5000, 20), "tiny": (1, 1)}
+    sizes = {"too_large": (1400, 1400), "over_step_budget": (868, 700), "aspect_ratio": (5000, 20),
+             "tiny": (1, 1)}
     messages = _image_message(ImageSpec("noise", *sizes[case], 22).build())
     if case == "tiny":
         response = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
@@ -144,6 +150,9 @@ def test_image_sizes_the_model_cannot_take(glimpse_server, case):
         client.chat.completions.create(model=model, messages=messages, max_tokens=2)
     assert info.value.status_code == 400
     want = {"too_large": "exceeds model's maximum context length (1024)",
+            "over_step_budget": "is longer than max_num_batched_tokens=768: GlimpsePrune computes "
+                                "a whole prompt in one step; start the engine with a larger "
+                                "--max-num-batched-tokens (up to max_model_len=1024)",
             "aspect_ratio": "image 1 is 5000x20 px: Qwen2.5-VL takes images whose longer side is "
                             "less than 200 times the shorter one"}[case]
     assert want in str(info.value)

@@ -121,6 +121,11 @@ def _refuse_glimpse_conflicts(args: argparse.Namespace) -> None:
             "needs prefix caching, chunked prefill and async scheduling off (the plugin turns "
             "them off by default)"
         )
+    if getattr(args, "enable_chunked_prefill", None) is False:
+        # The plugin turns it off itself, after vLLM's check that would refuse a
+        # --max-num-batched-tokens below --max-model-len with chunked prefill off; for
+        # GlimpsePrune that value only bounds prompts (vllm_glimpse/engine/engine_config.py).
+        args.enable_chunked_prefill = None
 
 
 def _as_flags(message: str, method: str) -> str:

@@ -5,8 +5,12 @@ only some of the engine's machinery can follow:
 
 * prefix caching off: a pruned request's blocks hold compacted K/V, not the prompt's;
 * chunked prefill off: a request's images and its glimpse token (the last prompt token) must be
-  in one step, since the keep decision at layer K reads all of them and moves their K/V;
-  ``max_num_batched_tokens`` is raised to ``max_model_len`` so any prompt fits in a step;
+  in one step, since the keep decision at layer K reads all of them and moves their K/V. So
+  ``max_num_batched_tokens`` (the step budget) is the longest prompt the engine computes: the
+  user's value when given, even below ``max_model_len`` (vLLM would refuse that with chunked
+  prefill off; here it only bounds prompts, which :func:`prompt_over_step_budget` refuses one by
+  one in the front end), else ``max_model_len`` -- vLLM's own default with chunked prefill off.
+  vLLM profiles activations for that many tokens, so the budget is what sizes them;
 * eager mode: layers after K run on a different token count with rebuilt attention metadata
   (CUDA graphs and ``torch.compile`` would freeze both);
 * async scheduling off: the scheduler must learn the new length before it schedules again;
@@ -22,6 +26,7 @@ cannot be told apart from vLLM's default here, so it is overridden with a warnin
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
@@ -32,6 +37,13 @@ SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
 STATS_SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.pruning_stats_scheduler"
 CPU_WORKER_CLS = "vllm_glimpse.engine.cpu_worker.GlimpseCPUWorker"
 GPU_WORKER_CLS = "vllm_glimpse.engine.gpu_worker.GlimpseGPUWorker"
+
+#: ``max_num_batched_tokens`` as the user gave it to the engine arguments being turned into a
+#: config (None: not given, vLLM fills in its default), set around
+#: ``EngineArgs.create_engine_config`` by ``vllm_glimpse.patches.add_plugin_cli_flags``: the
+#: config hook below cannot tell a given value from vLLM's default otherwise.
+USER_MAX_NUM_BATCHED_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "vllm_glimpse_user_max_num_batched_tokens", default=None)
 
 
 def _set(obj, name: str, value, why: str) -> None:
@@ -65,21 +77,7 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
     _set(cache, "enable_prefix_caching", False, "pruned requests hold compacted KV blocks")
     _set(sched, "enable_chunked_prefill", False,
          "a request's images and glimpse token must be computed in one step")
-    if sched.max_num_batched_tokens < model_config.max_model_len:
-        # The least vLLM accepts with chunked prefill off, and what one request can need: its
-        # whole prompt (up to max_model_len tokens) in one step.
-        logger.info(
-            "vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): a request's whole "
-            "prompt, up to max_model_len=%d tokens, must be computed in one step (chunked prefill "
-            "off); vLLM profiles activations (and the prune step) for that many tokens, so set "
-            "max_model_len to the longest prompt you serve to keep them small",
-            model_config.max_model_len, sched.max_num_batched_tokens, model_config.max_model_len)
-        sched.max_num_batched_tokens = model_config.max_model_len
-        # A whole prompt's images are encoded in the step that prefills it: the encoder budget
-        # and cache must hold as many tokens as that step may schedule.
-        sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens,
-                                                 model_config.max_model_len)
-        sched.encoder_cache_size = max(sched.encoder_cache_size, model_config.max_model_len)
+    set_step_budget(sched, model_config.max_model_len, USER_MAX_NUM_BATCHED_TOKENS.get())
     sched.long_prefill_token_threshold = 0
     if sched.async_scheduling:
         raise PruningSettingsError(
@@ -101,6 +99,45 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
             f"GlimpsePrune brings its own worker ({worker}); got worker_cls={parallel.worker_cls!r}"
         )
     parallel.worker_cls = worker
+
+
+def set_step_budget(sched, max_model_len: int, user_budget: int | None) -> None:
+    """``max_num_batched_tokens`` of a GlimpsePrune engine, from what one request needs: its whole
+    prompt in one step. The user's value bounds prompts (refused beyond it, one by one:
+    :func:`prompt_over_step_budget`); without one, any prompt up to ``max_model_len`` must fit.
+    The encoder budget and cache follow: a prompt's images are all encoded in its step."""
+    budget = user_budget if user_budget is not None else max_model_len
+    if user_budget is not None and user_budget < max_model_len:
+        why = (f"prompts up to {budget} tokens are computed, each in one step (chunked prefill "
+               f"off); longer prompts are refused; max_model_len={max_model_len} still bounds "
+               "prompt plus output")
+    else:
+        why = (f"a request's whole prompt, up to max_model_len={max_model_len} tokens, is "
+               "computed in one step (chunked prefill off); vLLM profiles activations (and the "
+               "prune step) for that many tokens: give --max-num-batched-tokens (the longest "
+               "prompt you serve) to keep them small")
+    if user_budget is None:
+        logger.info("vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): %s",
+                    budget, sched.max_num_batched_tokens, why)
+    elif user_budget < max_model_len:
+        logger.info("vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=%d: %s", budget, why)
+    sched.max_num_batched_tokens = budget
+    sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, budget)
+    sched.encoder_cache_size = max(sched.encoder_cache_size, budget)
+
+
+def prompt_over_step_budget(vllm_config, prompt_len: int) -> str | None:
+    """Why a GlimpsePrune engine cannot take a prompt of ``prompt_len`` tokens (None: it can).
+    vLLM's scheduler, with chunked prefill off, would leave such a request waiting forever."""
+    model_config = vllm_config.model_config
+    if model_config is None or pruning_config_of(model_config.hf_config).method != "glimpse":
+        return None
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    if prompt_len <= budget:
+        return None
+    return (f"The prompt (length {prompt_len}) is longer than max_num_batched_tokens={budget}: "
+            "GlimpsePrune computes a whole prompt in one step; start the engine with a larger "
+            f"--max-num-batched-tokens (up to max_model_len={model_config.max_model_len})")
 
 
 def apply_visionzip_engine_settings(vllm_config) -> None:

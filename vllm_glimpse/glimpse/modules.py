@@ -254,6 +254,22 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)[group, slot].transpose(0, 1)  # [heads, N, d]
 
 
+def _attend_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
+                   padded: bool) -> torch.Tensor:
+    """Attention inside each group of ``seq_lens`` consecutive tokens of ``[heads, N, d]``
+    tensors: one call, padded (``_attend_padded``), or one call per group."""
+    if len(seq_lens) == 1:
+        return _attend(q, k, v)
+    if padded:
+        return _attend_padded(q, k, v, seq_lens)
+    out = q.new_empty(q.shape)
+    start = 0
+    for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v))):
+        out[:, start:start + qs.shape[1]] = _attend(qs, ks, vs)
+        start += qs.shape[1]
+    return out
+
+
 class ConditionalSelfAttention(nn.Module):
     """The VIP's conditional self-attention (``CondSdpaAttention``; ``CondFA2Attention`` layout
     with ``fa2_value_layout``).
@@ -326,18 +342,8 @@ class ConditionalSelfAttention(nn.Module):
             # 4x slower in bf16 at 1,521 tokens). Zero channels of v leave the first hi - lo
             # outputs as they were.
             v = F.pad(F.linear(x, self.v_proj.weight[lo:hi]), (0, d - (hi - lo)))
-            q, k, v = (t.view(n, d)[None] for t in (q, k, v))  # [1 head, N, d]
-            if len(seq_lens) == 1:
-                head_out = _attend(q, k, v)
-            elif padded:
-                head_out = _attend_padded(q, k, v, seq_lens)
-            else:
-                head_out = q.new_empty(1, n, d)
-                start = 0
-                for qs, ks, vs in zip(*(torch.split(t, list(seq_lens), dim=1) for t in (q, k, v))):
-                    head_out[:, start:start + qs.shape[1]] = _attend(qs, ks, vs)
-                    start += qs.shape[1]
-            del q, k, v
+            head_out = _attend_groups(*(t.view(n, d)[None] for t in (q, k, v)), seq_lens, padded)
+            del q, k, v  # (memory: the next head's are allocated next)
             out[:, lo:hi] = head_out[0, :, :hi - lo]
             del head_out
         return self.o_proj(out)
