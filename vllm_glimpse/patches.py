@@ -151,7 +151,6 @@ def add_plugin_cli_flags() -> None:
 
 def _wrap_engine_args(engine_args_cls: type) -> None:
     from vllm_glimpse import cli
-
     from vllm_glimpse.engine.engine_config import USER_MAX_NUM_BATCHED_TOKENS
 
     add_cli_args = engine_args_cls.__dict__["add_cli_args"].__func__
