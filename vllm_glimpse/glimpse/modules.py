@@ -276,9 +276,10 @@ class ConditionalSelfAttention(nn.Module):
 
     Computed one head at a time, each head's q / k projected a chunk of rows at a time (on the
     CPU): what lives at once is the block's input and projected conditions, one head's q / k / v
-    and attention output, and the output being assembled -- about 2 KB per image token at the
-    released widths instead of every head's q / k / v and their concatenated input (the prune
-    step's working set is sized against the prompt's KV: ``docs/design.md``). Head h's q / k are
+    and attention output, and the output being assembled, not every head's q / k / v and their
+    concatenated input. With the caller's hidden states that is about 4.5 KB per image token in
+    bf16 at the released widths (was 9.3 KB), against 57 KB of KV per token on Qwen2.5-VL-7B
+    (``benchmarks/prune_step_bench.py``). Head h's q / k are
     rows ``[h * d, (h + 1) * d)`` of the q / k projections (``d`` = qk width / heads), as the
     authors' ``view(n, heads, d)`` split; the values are those of the whole projection up to
     the matrix kernels' float rounding."""
