@@ -208,3 +208,36 @@ def test_probe_refuses_writers_that_are_not_a_block_permutation():
     assert isinstance(probe_block_layout(shared, shape, torch.float32, "cpu", bs, heads, dim, dim), str)
     assert "elements" in probe_block_layout(plain, (heads, 2 * bs, 2 * dim), torch.float32, "cpu",
                                             bs, heads, dim, dim)
+
+
+def test_block_layout_reads_affine_layouts_through_a_strided_view():
+    """vLLM 0.32's CPU cache keeps K channel-major and V token-major in a block, both affine in
+    (row, head, channel): reads use a strided view of the cache. A layout that is not affine is
+    read element by element. Both give what the index says, for slots in any order, and equal
+    each other on the affine layout."""
+    from vllm_glimpse.engine.kv import BlockLayout, affine_strides
+
+    bs, heads, dim, blocks = 32, 3, 16, 5
+    r, h, c = torch.meshgrid(torch.arange(bs), torch.arange(heads), torch.arange(dim), indexing="ij")
+    key_index = (h * dim + c) * bs + r  # [heads, D, block]: K as vLLM's CPU cache holds it
+    value_index = heads * dim * bs + (h * bs + r) * dim + c  # [heads, block, D] after the keys
+    shuffled = key_index.flatten()[torch.randperm(key_index.numel(), generator=torch.Generator().manual_seed(1))]
+    shuffled = shuffled.view(bs, heads, dim)
+    assert affine_strides(key_index) == (0, 1, dim * bs, bs)
+    assert affine_strides(value_index) == (heads * dim * bs, dim, bs * dim, 1)
+    assert affine_strides(shuffled) is None
+    cache = torch.randn(blocks, heads, 2 * dim, bs)  # any block shape with the right element count
+    slots = torch.tensor([97, 3, 64, 159, 32, 5, 130])
+    flat = cache.view(blocks, -1)
+
+    def reference(index):
+        return torch.stack([flat[int(s) // bs][index[int(s) % bs]] for s in slots])
+
+    affine = BlockLayout(bs, key_index, value_index)
+    assert affine.key_strides is not None and affine.value_strides is not None
+    k, v = affine.gather(cache, slots)
+    assert torch.equal(k, reference(key_index)) and torch.equal(v, reference(value_index))
+    assert torch.equal(affine.gather_one(cache, slots, key_index), k)  # the element-wise path
+    permuted = BlockLayout(bs, shuffled, value_index)
+    assert permuted.key_strides is None
+    assert torch.equal(permuted.gather_keys(cache, slots), reference(shuffled))

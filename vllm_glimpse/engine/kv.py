@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -113,27 +113,61 @@ PROBE_DIGIT_BASE = 64
 GATHER_CHUNK_ELEMENTS = 128 * 1024
 
 
+def affine_strides(index: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(base, row, head, channel)`` element strides when ``index [rows, heads, D]`` is
+    ``base + row * r + head * h + channel * c`` with non-negative strides (vLLM 0.32's CPU cache:
+    K channel-major, ``[heads, D, block]``; V token-major, ``[heads, block, D]``), else None."""
+    rows, heads, width = index.shape
+    base = int(index[0, 0, 0])
+    steps = [int(index[1, 0, 0]) - base if rows > 1 else 0,
+             int(index[0, 1, 0]) - base if heads > 1 else 0,
+             int(index[0, 0, 1]) - base if width > 1 else 0]
+    if min(steps) < 0:
+        return None
+    grid = [torch.arange(n, device=index.device) for n in index.shape]
+    affine = (base + grid[0][:, None, None] * steps[0] + grid[1][None, :, None] * steps[1]
+              + grid[2][None, None, :] * steps[2])
+    return (base, *steps) if torch.equal(affine, index) else None
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Where K/V element (row, head, channel) of a block lives among the block's elements:
     ``key_index [block_size, heads, D]`` / ``value_index [block_size, heads, Dv]`` (int64 offsets
-    into ``cache.view(num_blocks, -1)[block]``)."""
+    into ``cache.view(num_blocks, -1)[block]``). Where an index is affine (:func:`affine_strides`),
+    reads go through a strided view of the cache, a copy of whole (row, head) runs instead of an
+    element-by-element gather."""
 
     block_size: int
     key_index: torch.Tensor
     value_index: torch.Tensor
+    key_strides: tuple[int, int, int, int] | None = field(init=False, default=None)
+    value_strides: tuple[int, int, int, int] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_strides", affine_strides(self.key_index))
+        object.__setattr__(self, "value_strides", affine_strides(self.value_index))
 
     def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gather_one(cache, slots, self.key_index), \
-            self.gather_one(cache, slots, self.value_index)
+        return self.gather_keys(cache, slots), \
+            self.gather_one(cache, slots, self.value_index, self.value_strides)
 
-    def gather_one(self, cache: torch.Tensor, slots: torch.Tensor,
-                   index: torch.Tensor) -> torch.Tensor:
+    def gather_keys(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self.gather_one(cache, slots, self.key_index, self.key_strides)
+
+    def gather_one(self, cache: torch.Tensor, slots: torch.Tensor, index: torch.Tensor,
+                   strides: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """``cache``'s elements ``index[slot % block_size]`` of block ``slot // block_size``, for
-        each slot: ``[n, heads, D]``. The element indices are int64, 4x the size of bf16 K/V, so
-        they are built a chunk of slots at a time (bounded memory, whatever n)."""
+        each slot: ``[n, heads, D]``. ``strides``: :func:`affine_strides` of ``index``, for the
+        strided read. Otherwise the element indices are int64, 4x the size of bf16 K/V, so they
+        are built a chunk of slots at a time (bounded memory, whatever n)."""
         flat = cache.view(cache.shape[0], -1)
         slots = slots.long()
+        if strides is not None:
+            base, *steps = strides
+            view = flat.as_strided((flat.shape[0], *index.shape), (flat.stride(0), *steps),
+                                   flat.storage_offset() + base)
+            return view[slots // self.block_size, slots % self.block_size]
         out = flat.new_empty(slots.shape[0], *index.shape[1:])
         step = max(1, GATHER_CHUNK_ELEMENTS // max(1, index[0].numel()))
         for start in range(0, slots.shape[0], step):
@@ -289,7 +323,7 @@ class PagedKV:
         if self.views is not None:
             slots = slots.long()
             return self.views[0][slots // self.block_size, slots % self.block_size]
-        return self.layout.gather_one(self.attn.kv_cache, slots, self.layout.key_index)
+        return self.layout.gather_keys(self.attn.kv_cache, slots)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         if self.views is not None:
