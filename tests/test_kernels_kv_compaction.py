@@ -221,8 +221,8 @@ def test_block_layout_reads_affine_layouts_through_a_strided_view():
     r, h, c = torch.meshgrid(torch.arange(bs), torch.arange(heads), torch.arange(dim), indexing="ij")
     key_index = (h * dim + c) * bs + r  # [heads, D, block]: K as vLLM's CPU cache holds it
     value_index = heads * dim * bs + (h * bs + r) * dim + c  # [heads, block, D] after the keys
-    shuffled = key_index.flatten()[torch.randperm(key_index.numel(), generator=torch.Generator().manual_seed(1))]
-    shuffled = shuffled.view(bs, heads, dim)
+    order = torch.randperm(key_index.numel(), generator=torch.Generator().manual_seed(1))
+    shuffled = key_index.flatten()[order].view(bs, heads, dim)
     assert affine_strides(key_index) == (0, 1, dim * bs, bs)
     assert affine_strides(value_index) == (heads * dim * bs, dim, bs * dim, 1)
     assert affine_strides(shuffled) is None

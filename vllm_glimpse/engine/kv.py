@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -141,8 +142,8 @@ class BlockLayout:
     block_size: int
     key_index: torch.Tensor
     value_index: torch.Tensor
-    key_strides: tuple[int, int, int, int] | None = field(init=False, default=None)
-    value_strides: tuple[int, int, int, int] | None = field(init=False, default=None)
+    key_strides: tuple[int, int, int, int] | None = dataclasses.field(init=False, default=None)
+    value_strides: tuple[int, int, int, int] | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_strides", affine_strides(self.key_index))
