@@ -26,10 +26,10 @@ the post-RoPE K/V the layer wrote, in the model's dtype (quantized caches are no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 
 import torch
