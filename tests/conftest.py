@@ -19,3 +19,17 @@ from vllm_glimpse.testing.tiny_models import tiny_model_path  # noqa: E402
 def tiny_models():
     """name -> checkpoint dir, generated once (and cached on disk across runs)."""
     return {name: str(tiny_model_path(name)) for name in ("qwen2_5_vl", "llava", "llava_next")}
+
+
+@pytest.fixture(scope="session")
+def glimpse_checkpoints(tiny_models, tmp_path_factory):
+    """family -> a synthetic GlimpsePrune checkpoint for the tiny model (the authors' file layout
+    and key names, random weights), written once. Tests must not modify these files."""
+    from transformers import AutoConfig
+
+    from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("glimpse_checkpoints")
+    return {family: str(write_tiny_checkpoint(root / family, family,
+                                              AutoConfig.from_pretrained(tiny_models[family])))
+            for family in ("qwen2_5_vl", "llava")}

@@ -1,4 +1,4 @@
-"""GlimpsePrune inside the vLLM engine, on the tiny models with synthetic checkpoints.
+"""GlimpsePrune inside the vLLM engine, on the tiny models with synthetic glimpse_checkpoints.
 
 * greedy tokens of vLLM + plugin equal the independent HF reference (tests/reference/
   glimpse_hf.py) for the mixed batch (several image sizes, a two-image prompt, text-only
@@ -38,19 +38,13 @@ PREPARE = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("glimpse_ckpt")
-    return {f: str(write_tiny_checkpoint(root / f, f, AutoConfig.from_pretrained(tiny_models[f])))
-            for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_models, checkpoints):
+def hf(tiny_models, glimpse_checkpoints):
     """family -> (HF model, processor, predictor), float32, eager attention."""
     out = {}
     for f in FAMILIES:
         model = HF_CLASSES[f].from_pretrained(tiny_models[f], attn_implementation="eager").eval()
-        predictor = load_glimpse_checkpoint(checkpoints[f], model.config, dtype=torch.float32).predictor
+        predictor = load_glimpse_checkpoint(glimpse_checkpoints[f], model.config,
+                                            dtype=torch.float32).predictor
         out[f] = (model, AutoProcessor.from_pretrained(tiny_models[f]), predictor)
     return out
 
@@ -85,13 +79,13 @@ RULES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", list(RULES))
-def test_greedy_tokens_and_stats_equal_reference(tiny_models, checkpoints, hf, family, rule):
+def test_greedy_tokens_and_stats_equal_reference(tiny_models, glimpse_checkpoints, hf, family, rule):
     knobs, keep_rule, per_request = RULES[rule]
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     llm = make_llm(tiny_models[family], method="glimpse",
-                   knobs={"checkpoint": checkpoints[family], **knobs})
+                   knobs={"checkpoint": glimpse_checkpoints[family], **knobs})
     # (after the engine starts: vLLM's logging setup resets loggers under "vllm")
     ours = logging.getLogger(LOGGER_NAME)
     level = ours.level
@@ -139,9 +133,9 @@ def _expected_blocks(num_tokens: int, block_size: int) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tail_blocks_return_to_the_pool_in_the_prefill_step(tiny_models, checkpoints, family):
+def test_tail_blocks_return_to_the_pool_in_the_prefill_step(tiny_models, glimpse_checkpoints, family):
     llm = make_llm(tiny_models[family], method="glimpse",
-                   knobs={"checkpoint": checkpoints[family], "fixed_ratio": 0.1}, block_size=32)
+                   knobs={"checkpoint": glimpse_checkpoints[family], "fixed_ratio": 0.1}, block_size=32)
     try:
         engine = llm.llm_engine
         scheduler = _scheduler(llm)
@@ -193,14 +187,14 @@ def _run_alone(llm, requests, params):
 
 
 @pytest.mark.parametrize("family, num_requests", [("qwen2_5_vl", 200), ("llava", 60)])
-def test_many_requests_with_aborts_and_preemption(tiny_models, checkpoints, family, num_requests):
+def test_many_requests_with_aborts_and_preemption(tiny_models, glimpse_checkpoints, family, num_requests):
     """200 mixed requests (60 on LLaVA, whose prompts are longer) through a small KV cache, with
     forced preemption of every running request at three steps (vLLM's
     ``reset_prefix_cache(reset_running_requests=True)``): pruned requests are recomputed from
     their original prompt; some requests are aborted while waiting or running. Every other
     request gives the tokens it gives alone, and no block leaks."""
     specs = mixed_batch()
-    knobs = {"checkpoint": checkpoints[family], "fixed_ratio": 0.25}
+    knobs = {"checkpoint": glimpse_checkpoints[family], "fixed_ratio": 0.25}
     # the longest prompt fits (LLaVA: 576 tokens per image), and barely more
     max_len = {"qwen2_5_vl": 512, "llava": 1280}[family]
     small = make_llm(tiny_models[family], method="glimpse", knobs=knobs, block_size=32,
@@ -279,7 +273,8 @@ def test_non_finite_vip_output_keeps_every_image_token(tiny_models, tmp_path):
             assert stats["image_tokens_after"] == stats["image_tokens_before"]
 
 
-def test_prompts_longer_than_the_step_budget_are_refused_and_the_engine_serves_on(tiny_models, checkpoints):
+def test_prompts_longer_than_the_step_budget_are_refused_and_the_engine_serves_on(tiny_models,
+                                                                                 glimpse_checkpoints):
     """--max-num-batched-tokens below max_model_len bounds the prompts a GlimpsePrune engine
     computes (each in one step): a longer prompt, with an image or text only, is refused with
     one line naming the setting, instead of waiting forever in vLLM's scheduler; a prompt within
@@ -287,7 +282,7 @@ def test_prompts_longer_than_the_step_budget_are_refused_and_the_engine_serves_o
     from vllm.exceptions import VLLMValidationError
 
     llm = make_llm(tiny_models["qwen2_5_vl"], method="glimpse",
-                   knobs={"checkpoint": checkpoints["qwen2_5_vl"], "fixed_ratio": 0.25},
+                   knobs={"checkpoint": glimpse_checkpoints["qwen2_5_vl"], "fixed_ratio": 0.25},
                    max_num_batched_tokens=200, max_num_seqs=8)
     try:
         assert llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == 200

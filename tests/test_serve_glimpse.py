@@ -4,12 +4,11 @@ stats, and text-only requests share the server."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
 from tests.test_serve import _data_url, metric_delta, running_server, scrape_metrics
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
-from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
 
 MAX_TOKENS = 8
@@ -17,10 +16,8 @@ RATIO = 0.25
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_models, tmp_path_factory):
-    path = tiny_models["qwen2_5_vl"]
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("gp") / "qwen", "qwen2_5_vl",
-                                     AutoConfig.from_pretrained(path)))
+def checkpoint(glimpse_checkpoints):
+    return glimpse_checkpoints["qwen2_5_vl"]
 
 
 # The longest prompt the server computes (one step each): below max_model_len (1024).

