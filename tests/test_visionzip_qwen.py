@@ -46,7 +46,7 @@ def test_selection_merge_and_order_match_reference(hf_qwen, dominant_ratio, cont
     authors' Qwen order (kept slots in raster order, each contextual token in its target's
     slot), the same token sequence; the LLaVA order (contextual tokens after the dominant ones)
     gives another sequence wherever a target precedes a dominant token."""
-    from vllm_glimpse.models.qwen2_5_vl import merged_scores_and_keys
+    from vllm_glimpse.models.qwen_visionzip import merged_scores_and_keys
 
     model, processor = hf_qwen
     visual = model.model.visual
@@ -140,7 +140,7 @@ def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Vanilla
 
     from vllm_glimpse.models.qwen2_5_vl import GlimpseQwen2_5_VLForConditionalGeneration as Ours
-    from vllm_glimpse.models.qwen2_5_vl import media_positions
+    from vllm_glimpse.models.qwen_visionzip import media_positions
 
     config = AutoConfig.from_pretrained(tiny_models["qwen2_5_vl"])
     # Images: square, wide, tall, the smallest; and a video (not pruned, all tokens kept), whose

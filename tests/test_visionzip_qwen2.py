@@ -86,8 +86,8 @@ def test_positions_of_pruned_layout_equal_unpruned(path, steps):
     from transformers import AutoConfig
     from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration as Vanilla
 
-    from vllm_glimpse.models.qwen2_5_vl import media_positions
     from vllm_glimpse.models.qwen2_vl import VisionZipQwen2VLForConditionalGeneration as Ours
+    from vllm_glimpse.models.qwen_visionzip import media_positions
 
     config = AutoConfig.from_pretrained(path)
     grids = [("image", [1, 32, 32]), ("image", [1, 12, 22]), ("video", [2, 8, 12]),

@@ -35,7 +35,6 @@ from vllm.model_executor.models.utils import cast_overflow_tensors
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
 from vllm_glimpse.models.common import (
     GlimpseTokenMixin,
     PruningHashMixin,
@@ -44,12 +43,17 @@ from vllm_glimpse.models.common import (
     item_budget,
 )
 from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
+from vllm_glimpse.models.qwen_visionzip import (
+    QWEN_MAX_ASPECT_RATIO,
+    media_extent,
+    media_positions,
+    merged_scores_and_keys,
+    recompute_pruned_mrope_positions,
+    rotated_query_key,
+    visionzip_per_image,
+)
 from vllm_glimpse.parallel import mean_over_head_shards
 from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
-from vllm_glimpse.visionzip import visionzip
-
-# transformers' Qwen2-VL ``smart_resize`` raises for an absolute aspect ratio >= 200 (MAX_RATIO).
-QWEN_MAX_ASPECT_RATIO = 200
 
 
 def _image_hw(image) -> tuple[int, int]:
@@ -196,19 +200,8 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
         budgets = budgets or [self.visionzip_ratios] * len(grid_thw)
         merged, scores, keys = qwen_vit_with_visionzip_inputs(
             self.visual, image_input["pixel_values"], grid_thw)
-        merge = self.visual.spatial_merge_size
-        sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
-        out = []
-        for tokens, score, key, (t, h, w), ratios in zip(
-            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw, budgets
-        ):
-            dominant, contextual = visionzip_counts(tokens.shape[0], *ratios)
-            # The authors' Qwen order: kept slots in raster order, each contextual token in its
-            # target's slot; every token at its slot's (t, h, w) position.
-            result = visionzip(tokens, score, key, dominant, contextual, order="raster")
-            positions = media_positions(t, h // merge, w // merge).to(tokens.device)
-            out.append(torch.cat([result.tokens, positions[result.slots].to(tokens.dtype)], dim=1))
-        return tuple(out)
+        return visionzip_per_image(
+            merged, scores, keys, grid_thw, self.visual.spatial_merge_size, budgets)
 
     def _videos_with_positions(self, video_input) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
@@ -247,47 +240,14 @@ class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
                                   num_computed_tokens):
         """Strip the position channels off this step's media embeddings and write those tokens'
-        final positions: the media item's base (one past its vision-start token) + the token's
-        image-local (t, h, w).
-
-        vLLM's generic version re-derives everything from the step boundary and mistakes a step
-        that starts after a finished image for the continuation of that image (vLLM 0.32,
-        ``multimodal/video_prune/evs.py``). Here the text positions are already exact, so only
-        the media tokens gathered in this step change: the k-th embedding row of the step is the
-        (m + k)-th media token of the prompt, m being the media tokens computed before the step.
-        """
+        final positions (``recompute_pruned_mrope_positions``: vLLM's generic version mistakes
+        a step that starts after a finished image for the continuation of that image)."""
         if self.visionzip_ratios is None:
             return super().recompute_mrope_positions(
                 input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
-        positions = mrope_positions.clone()
-        embeddings = [mm[:, :-3] for mm in multimodal_embeddings]
-        if not multimodal_embeddings:
-            return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
-        ids = torch.as_tensor(input_ids, device=positions.device)
-        is_media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-        run_begins = is_media & ~torch.cat([is_media.new_zeros(1), is_media[:-1]])
-        run_of_token = torch.cumsum(run_begins.long(), 0) - 1
-        run_base = positions[0, torch.nonzero(run_begins).squeeze(-1) - 1] + 1
-        media_tokens = torch.nonzero(is_media).squeeze(-1)
-        first = int(is_media[:num_computed_tokens].sum())
-        local = torch.cat([mm[:, -3:] for mm in multimodal_embeddings]).long().T.to(positions.device)
-        tokens = media_tokens[first:first + local.shape[1]]
-        positions[:, tokens] = run_base[run_of_token[tokens]] + local
-        return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
-
-
-def media_extent(t: int, h: int, w: int, t_factor: float = 1.0) -> int:
-    """How far a media item of LLM grid (t, h, w) advances the position of the text after it:
-    one past its largest position on any axis (vLLM's and HF's ``get_rope_index`` rule)."""
-    return max(int((t - 1) * t_factor), h - 1, w - 1) + 1
-
-
-def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
-    """[t*h*w, 3] image-local (t, h, w) positions of a media item's tokens in raster order, as
-    ``get_mrope_input_positions`` assigns them."""
-    grid = np.indices((t, h, w)).reshape(3, -1)
-    grid[0] = (grid[0] * t_factor).astype(np.int64)
-    return torch.from_numpy(grid.T.copy())
+        return recompute_pruned_mrope_positions(
+            (self.config.image_token_id, self.config.video_token_id),
+            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +275,7 @@ def qwen_vit_with_visionzip_inputs(
 
     def capture(index, block, hidden, cos, sin):
         if index == scoring_block:
-            captured["qk"] = _rotated_query_key(block, hidden, cos, sin)
+            captured["qk"] = rotated_query_key(block, hidden, cos, sin)
 
     hidden, meta = _run_vit_blocks(visual, pixel_values, grid_thw, before_block=capture)
     query, key = captured["qk"]
@@ -385,35 +345,3 @@ def _run_vit_blocks(visual, pixel_values, grid_thw, before_block=None, after_blo
         hidden = cast_overflow_tensors(hidden)
     return hidden, meta
 
-
-def merged_scores_and_keys(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    image_sizes: list[int],
-    merge_unit: int,
-    reverse_indices: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the scoring block's post-RoPE query/key [S, heads, head_dim] of all images in the
-    ViT's window order to VisionZip's score [N] and keys [N, head_dim] per post-merger token in
-    raster order (N = S / merge_unit)."""
-    # Full attention runs per image, and in window order each image's patches are contiguous.
-    # The score never builds an S x S matrix: a two-pass Triton kernel on GPU, query chunks on CPU.
-    scores = torch.cat([
-        attention_received_scores(q, k, reduce="mean")
-        for q, k in zip(query.split(image_sizes), key.split(image_sizes))
-    ])
-    # Each run of merge_unit patches in window order is one 2x2 merge group (one LLM token).
-    scores = scores.view(-1, merge_unit).mean(dim=-1)[reverse_indices]
-    groups = key.float().view(key.shape[0] // merge_unit, merge_unit, *key.shape[1:])
-    keys = groups.mean(dim=1)[reverse_indices].mean(dim=1)
-    return scores, keys
-
-
-def _rotated_query_key(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The block's post-RoPE query and key [S, heads, head_dim], as its attention computes them."""
-    attn = block.attn
-    qkv, _ = attn.qkv(block.norm1(hidden))  # [S, 1, 3 * heads * head_dim]
-    heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
-    qk = qkv.view(qkv.shape[0], 3, heads, head_dim)[:, :2].transpose(0, 1).contiguous()
-    query, key = attn.apply_rotary_emb(qk, cos, sin).unbind(0)
-    return query, key

@@ -3,8 +3,8 @@
 ProcessingInfo and DummyInputsBuilder (vLLM's) → MultiModalProcessor (placeholder counts from the
 VisionZip ratios, per-request budgets, hashes salted with the settings) → Model (the ViT run
 collecting what VisionZip reads; kept tokens at their original M-RoPE positions). The pieces
-shared with Qwen3-VL live in ``vllm_glimpse.models.qwen3_vl``; with method ``none`` every piece
-defers to vLLM's own.
+shared with Qwen3-VL live in ``vllm_glimpse.models.qwen3_vl`` (processor and model mixins) and
+``vllm_glimpse.models.qwen_visionzip``; with method ``none`` every piece defers to vLLM's own.
 
 Scored block: Qwen2-VL's ViT has no window attention, every block is a full-attention block, so
 VisionZip's Qwen2.5-VL rule (the last full-attention block, ``max(fullatt_block_indexes)``, which
@@ -25,11 +25,11 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_glimpse.models.qwen2_5_vl import media_positions, merged_scores_and_keys
 from vllm_glimpse.models.qwen3_vl import (
     QwenFamilyVisionZipModelMixin,
     QwenFamilyVisionZipProcessorMixin,
 )
+from vllm_glimpse.models.qwen_visionzip import media_positions, merged_scores_and_keys
 from vllm_glimpse.parallel import mean_over_head_shards
 
 
@@ -68,7 +68,10 @@ class VisionZipQwen2VLForConditionalGeneration(QwenFamilyVisionZipModelMixin,
 def _rotated_query_key(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """The block's post-RoPE query and key [S, heads of this rank, head_dim], as its attention
     computes them. Qwen2-VL's ``qkv`` is not split per rank into [q | k | v]: under tensor
-    parallelism the attention gathers it and takes each rank's heads (``split_qkv``), so do we."""
+    parallelism the attention gathers it and takes each rank's heads (``split_qkv``), so do we.
+    Not the shared ``qwen_visionzip.rotated_query_key``: that one views a rank's ``qkv`` output
+    as [q | k | v] of its own heads (``QKVParallelLinear``: Qwen2.5-VL, Qwen3-VL); here a rank's
+    output is a slice of the whole [q | k | v], and the two agree only without tensor parallelism."""
     attn = block.attn
     qkv, _ = attn.qkv(block.norm1(hidden))  # [S, 1, 3 * heads * head_dim] (this rank's shard)
     query, key, _ = attn.split_qkv(qkv)  # [S, 1, heads, head_dim] each

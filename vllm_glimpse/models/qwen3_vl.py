@@ -60,11 +60,13 @@ from vllm_glimpse.models.common import (
     image_budgets,
     item_budget,
 )
-from vllm_glimpse.models.qwen2_5_vl import (
+from vllm_glimpse.models.qwen_visionzip import (
     QWEN_MAX_ASPECT_RATIO,
-    _rotated_query_key,
     media_positions,
     merged_scores_and_keys,
+    recompute_pruned_mrope_positions,
+    rotated_query_key,
+    visionzip_per_image,
 )
 from vllm_glimpse.parallel import mean_over_head_shards
 from vllm_glimpse.settings import (
@@ -74,11 +76,6 @@ from vllm_glimpse.settings import (
     visionzip_counts,
     visionzip_ratios,
 )
-from vllm_glimpse.visionzip import visionzip
-
-#: Channels appended to each image/video embedding row: the token's image-local (t, h, w).
-POSITION_CHANNELS = 3
-
 
 # --------------------------------------------------------------------------------------------
 # Processor
@@ -216,20 +213,10 @@ class QwenFamilyVisionZipModelMixin:
         budgets = budgets or [self.visionzip_ratios] * len(grid_thw)
         merged, scores, keys = self._vit_with_visionzip_inputs(
             image_input["pixel_values"], grid_thw)
-        merge = self.visual.spatial_merge_size
-        sizes = [t * h * w // merge**2 for t, h, w in grid_thw]
-        out = []
-        for tokens, score, key, (t, h, w), ratios in zip(
-            merged.split(sizes), scores.split(sizes), keys.split(sizes), grid_thw, budgets
-        ):
-            dominant, contextual = visionzip_counts(tokens.shape[0], *ratios)
-            # The authors' Qwen order: kept slots in raster order, each contextual token in its
-            # target's slot; every token at its slot's (t, h, w) position. ``tokens`` holds the
-            # whole ViT output row (main + DeepStack channels on Qwen3-VL), pruned as one.
-            result = visionzip(tokens, score, key, dominant, contextual, order="raster")
-            positions = media_positions(t, h // merge, w // merge).to(tokens.device)
-            out.append(torch.cat([result.tokens, positions[result.slots].to(tokens.dtype)], dim=1))
-        return tuple(out)
+        # ``merged`` holds the whole ViT output row (main + DeepStack channels on Qwen3-VL),
+        # so each kept row carries its DeepStack embeddings: they are pruned as one.
+        return visionzip_per_image(
+            merged, scores, keys, grid_thw, self.visual.spatial_merge_size, budgets)
 
     def _videos_with_positions(self, video_input) -> tuple[torch.Tensor, ...]:
         merge = self.visual.spatial_merge_size
@@ -330,44 +317,6 @@ class VisionZipQwen3VLMoeForConditionalGeneration(Qwen3VLVisionZipMixin,
 
 
 # --------------------------------------------------------------------------------------------
-# Positions
-# --------------------------------------------------------------------------------------------
-
-
-def recompute_pruned_mrope_positions(media_token_ids, input_ids, multimodal_embeddings,
-                                     mrope_positions, num_computed_tokens):
-    """Strip the position channels off this step's media embeddings and write those tokens'
-    final positions: the base of the token's run of media tokens (one past the token before
-    the run: the vision-start token) + the token's local (t, h, w) carried in the channels.
-
-    Only the media tokens gathered in this step change (the text positions are exact already):
-    the k-th embedding row of the step is the (m + k)-th media token of the prompt, m being the
-    media tokens computed before the step. (vLLM's generic ``recompute_mrope_positions``
-    re-derives everything from the step boundary and mistakes a step that starts after a
-    finished image for the continuation of that image; vLLM 0.32,
-    ``multimodal/video_prune/evs.py``.)
-    """
-    positions = mrope_positions.clone()
-    embeddings = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
-    if not multimodal_embeddings:
-        return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
-    ids = torch.as_tensor(input_ids, device=positions.device)
-    is_media = torch.zeros_like(ids, dtype=torch.bool)
-    for token_id in media_token_ids:
-        is_media |= ids == token_id
-    run_begins = is_media & ~torch.cat([is_media.new_zeros(1), is_media[:-1]])
-    run_of_token = torch.cumsum(run_begins.long(), 0) - 1
-    run_base = positions[0, torch.nonzero(run_begins).squeeze(-1) - 1] + 1
-    media_tokens = torch.nonzero(is_media).squeeze(-1)
-    first = int(is_media[:num_computed_tokens].sum())
-    local = torch.cat([mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings])
-    local = local.long().T.to(positions.device)
-    tokens = media_tokens[first:first + local.shape[1]]
-    positions[:, tokens] = run_base[run_of_token[tokens]] + local
-    return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
-
-
-# --------------------------------------------------------------------------------------------
 # The ViT with VisionZip's inputs
 # --------------------------------------------------------------------------------------------
 
@@ -396,7 +345,7 @@ def qwen3_vit_with_visionzip_inputs(
     deepstack = []
     for index, block in enumerate(visual.blocks):
         if index == scoring_block:
-            query, key = _rotated_query_key(block, hidden, cos, sin)
+            query, key = rotated_query_key(block, hidden, cos, sin)
         hidden = block(
             hidden,
             cu_seqlens=meta["cu_seqlens"],
