@@ -31,5 +31,5 @@ def test_method_not_available_for_model(tiny_models):
 
 def test_settings_reach_the_engine_config(tiny_models):
     config = _engine_config(tiny_models["qwen2_5_vl"], **vllm_glimpse.engine_kwargs("none"))
-    assert config.model_config.architectures == ["GlimpseQwen2_5_VLForConditionalGeneration"]
+    assert config.model_config.architectures == ["PruningQwen2_5_VLForConditionalGeneration"]
     assert config.model_config.hf_config.vllm_glimpse == {"method": "none"}

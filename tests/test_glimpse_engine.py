@@ -1,4 +1,4 @@
-"""GlimpsePrune inside the vLLM engine, on the tiny models with synthetic glimpse_checkpoints.
+"""GlimpsePrune inside the vLLM engine, on the tiny models with synthetic checkpoints.
 
 * greedy tokens of vLLM + plugin equal the independent HF reference (tests/reference/
   glimpse_hf.py) for the mixed batch (several image sizes, a two-image prompt, text-only

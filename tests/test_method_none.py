@@ -15,8 +15,8 @@ from vllm_glimpse.testing.workloads import mixed_batch
 pytestmark = pytest.mark.slow
 
 VARIANT_ARCH = {
-    "qwen2_5_vl": "GlimpseQwen2_5_VLForConditionalGeneration",
-    "llava": "GlimpseLlavaForConditionalGeneration",
+    "qwen2_5_vl": "PruningQwen2_5_VLForConditionalGeneration",
+    "llava": "PruningLlavaForConditionalGeneration",
     "llava_next": "VisionZipLlavaNextForConditionalGeneration",
 }
 

@@ -105,8 +105,8 @@ _VANILLA_CONFIG_AFTER = """
     from vllm import ModelRegistry
     config = EngineArgs(model={model!r}).create_engine_config()
     print("ARCH", config.model_config.architectures[0])
-    print("REGISTERED", "GlimpseQwen2_5_VLForConditionalGeneration" in ModelRegistry.get_supported_archs())
-    print("HOOKED", "GlimpseQwen2_5_VLForConditionalGeneration" in MODELS_CONFIG_MAP)
+    print("REGISTERED", "PruningQwen2_5_VLForConditionalGeneration" in ModelRegistry.get_supported_archs())
+    print("HOOKED", "PruningQwen2_5_VLForConditionalGeneration" in MODELS_CONFIG_MAP)
 """
 
 

@@ -72,7 +72,7 @@ def test_overrides_switch_architecture_and_carry_settings():
     hf_config = _qwen_config()
     overrides = vllm_glimpse.engine_kwargs("none", hf_overrides={"max_window_layers": 7})
     out = overrides["hf_overrides"](hf_config)
-    assert out.architectures == ["GlimpseQwen2_5_VLForConditionalGeneration"]
+    assert out.architectures == ["PruningQwen2_5_VLForConditionalGeneration"]
     assert getattr(out, SETTINGS_ATTR) == {"method": "none"}
     assert pruning_config_of(out) == PruningConfig()
     assert out.max_window_layers == 7  # the user's own overrides are applied too
@@ -80,7 +80,7 @@ def test_overrides_switch_architecture_and_carry_settings():
     assert overrides["hf_overrides"](out).architectures == out.architectures
 
     llava = PruningOverrides(PruningConfig())(_llava_config())
-    assert llava.architectures == ["GlimpseLlavaForConditionalGeneration"]
+    assert llava.architectures == ["PruningLlavaForConditionalGeneration"]
     next_ = PruningOverrides(PruningConfig())(
         LlavaNextConfig(architectures=["LlavaNextForConditionalGeneration"]))
     assert next_.architectures == ["VisionZipLlavaNextForConditionalGeneration"]

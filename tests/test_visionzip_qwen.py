@@ -96,7 +96,7 @@ def test_counts_follow_the_authors_ratios():
 
 def _qwen_stub(hf_config, ratios):
     """Just enough of the model for its position methods (no weights, no engine)."""
-    from vllm_glimpse.models.qwen2_5_vl import GlimpseQwen2_5_VLForConditionalGeneration as Ours
+    from vllm_glimpse.models.qwen2_5_vl import PruningQwen2_5_VLForConditionalGeneration as Ours
 
     stub = types.SimpleNamespace(config=hf_config, visionzip_ratios=ratios)
     stub.iter_mm_grid_thw = types.MethodType(Ours.iter_mm_grid_thw, stub)
@@ -139,7 +139,7 @@ def test_positions_of_pruned_layout_equal_unpruned(tiny_models, steps):
     from transformers import AutoConfig
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Vanilla
 
-    from vllm_glimpse.models.qwen2_5_vl import GlimpseQwen2_5_VLForConditionalGeneration as Ours
+    from vllm_glimpse.models.qwen2_5_vl import PruningQwen2_5_VLForConditionalGeneration as Ours
     from vllm_glimpse.models.qwen_visionzip import media_positions
 
     config = AutoConfig.from_pretrained(tiny_models["qwen2_5_vl"])

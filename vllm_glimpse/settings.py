@@ -56,15 +56,15 @@ VARIANTS: dict[str, ModelVariant] = {
     for v in (
         ModelVariant(
             "Qwen2_5_VLForConditionalGeneration",
-            "GlimpseQwen2_5_VLForConditionalGeneration",
-            "vllm_glimpse.models.qwen2_5_vl:GlimpseQwen2_5_VLForConditionalGeneration",
+            "PruningQwen2_5_VLForConditionalGeneration",
+            "vllm_glimpse.models.qwen2_5_vl:PruningQwen2_5_VLForConditionalGeneration",
             ("none", "visionzip", "glimpse"),
             "Qwen2.5-VL",
         ),
         ModelVariant(
             "LlavaForConditionalGeneration",
-            "GlimpseLlavaForConditionalGeneration",
-            "vllm_glimpse.models.llava:GlimpseLlavaForConditionalGeneration",
+            "PruningLlavaForConditionalGeneration",
+            "vllm_glimpse.models.llava:PruningLlavaForConditionalGeneration",
             ("none", "visionzip", "glimpse"),
             "LLaVA-1.5",
         ),

@@ -29,7 +29,7 @@ from vllm_glimpse.settings import PruningSettingsError, visionzip_budget
 from vllm_glimpse.visionzip import visionzip
 
 
-class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
+class PruningLlavaProcessingInfo(LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         budget = visionzip_budget(self.get_hf_config())
         if budget is None:
@@ -44,18 +44,18 @@ class GlimpseLlavaProcessingInfo(LlavaProcessingInfo):
         return dominant + contextual  # CLS + (D - 1) patches + C merged tokens, for any image
 
 
-class GlimpseLlavaMultiModalProcessor(
+class PruningLlavaMultiModalProcessor(
     GlimpseTokenMixin, LlavaRequestBudgetMixin, PruningHashMixin, LlavaMultiModalProcessor
 ):
     pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseLlavaMultiModalProcessor,
-    info=GlimpseLlavaProcessingInfo,
+    PruningLlavaMultiModalProcessor,
+    info=PruningLlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class GlimpseLlavaForConditionalGeneration(
+class PruningLlavaForConditionalGeneration(
     GlimpseModelMixin, RequestBudgetModelMixin, LlavaForConditionalGeneration
 ):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

@@ -66,7 +66,7 @@ def _image_hw(image) -> tuple[int, int]:
     return int(height), int(width)
 
 
-class GlimpseQwen2_5_VLMultiModalProcessor(
+class PruningQwen2_5_VLMultiModalProcessor(
     GlimpseTokenMixin, RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
 ):
     def _image_budget(self, config) -> tuple[float, float] | None:
@@ -128,11 +128,11 @@ class GlimpseQwen2_5_VLMultiModalProcessor(
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlimpseQwen2_5_VLMultiModalProcessor,
+    PruningQwen2_5_VLMultiModalProcessor,
     info=Qwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class GlimpseQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLForConditionalGeneration):
+class PruningQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_glimpse(vllm_config)
