@@ -364,9 +364,9 @@ def test_vip_padded_one_call_over_images_matches_reference(family):
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=f"padded={padded}")
 
 
-def test_vip_rope_in_chunks_is_exact(monkeypatch):
-    """The VIP's float32 RoPE computed a chunk of rows at a time (to bound its temporaries) gives
-    the same bits as in one piece."""
+def test_vip_in_row_chunks_is_exact(monkeypatch):
+    """The VIP's row-wise work (q / k projections, float32 RoPE, MLP) done a chunk of rows at a
+    time on the CPU, to bound its temporaries, gives the same bits as in one piece."""
     from vllm_glimpse.glimpse import modules
 
     cfg = tiny_config()
@@ -375,7 +375,8 @@ def test_vip_rope_in_chunks_is_exact(monkeypatch):
     attn, feats = inputs(cfg, grid, seed=4)
     with torch.no_grad():
         whole = m(attn, feats, grid)
-        monkeypatch.setattr(modules, "ROPE_CHUNK_ROWS", 8)
+        assert len(modules._row_chunks(44, on_cuda=False)) == 1  # 5 x 7 + 3 x 3 rows: one chunk
+        monkeypatch.setattr(modules, "VIP_CHUNK_ROWS", 8)
         chunked = m(attn, feats, grid)
     assert torch.equal(whole, chunked)
 

@@ -184,7 +184,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 #: batch's image tokens. On CUDA each runs in one pass: there the launch count matters, and the
 #: prune step's transient tensors sit well below the MLP activations every decoder layer holds.
 VIP_CHUNK_ROWS = 256
-ROPE_CHUNK_ROWS = VIP_CHUNK_ROWS
 
 
 def _row_chunks(n: int, on_cuda: bool) -> list[slice]:
@@ -197,18 +196,11 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     computed in float32 and cast back. Written half by half: with x = [x1, x2] and the halves
     of cos / sin equal (the angles are duplicated), ``x * cos + rotate_half(x) * sin`` is
     ``[x1 c - x2 s, x2 c + x1 s]``, the same float operations without rotate_half's copies.
-    Elementwise, so computing it a chunk of rows at a time gives the same values."""
-    return _apply_rope_(x.clone(), cos, sin)
-
-
-def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`_apply_rope` in place (each chunk's inputs are read into float32 before its rows
-    are written): for a fresh projection output, no second tensor of its size."""
-    step = max(x.shape[0] if x.is_cuda else ROPE_CHUNK_ROWS, 1)
-    for start in range(0, x.shape[0], step):
-        rows = slice(start, start + step)
-        _rope_rows_(x[rows], cos[rows], sin[rows])
-    return x
+    Elementwise, so the VIP computes it a chunk of rows at a time, in place
+    (:func:`_rope_rows_`)."""
+    out = x.clone()
+    _rope_rows_(out, cos, sin)
+    return out
 
 
 def _rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
