@@ -19,9 +19,6 @@ the image tokens' final positions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import numpy as np
 import torch
 from vllm.config import VllmConfig
@@ -33,18 +30,11 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.model_executor.models.utils import cast_overflow_tensors
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from vllm_glimpse.models.common import (
-    GlimpseTokenMixin,
-    PruningHashMixin,
-    RequestBudgetMixin,
-    image_budgets,
-    item_budget,
-)
+from vllm_glimpse.models.common import GlimpseTokenMixin, image_budgets
 from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
 from vllm_glimpse.models.qwen_visionzip import (
-    QWEN_MAX_ASPECT_RATIO,
+    QwenFamilyPruningProcessorMixin,
     media_extent,
     media_positions,
     merged_scores_and_keys,
@@ -53,78 +43,15 @@ from vllm_glimpse.models.qwen_visionzip import (
     visionzip_per_image,
 )
 from vllm_glimpse.parallel import mean_over_head_shards
-from vllm_glimpse.settings import PruningSettingsError, visionzip_counts, visionzip_ratios
-
-
-def _image_hw(image) -> tuple[int, int]:
-    """(height, width) of a PIL image, an HWC array or a CHW tensor."""
-    if isinstance(image, torch.Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    if isinstance(image, np.ndarray):
-        return int(image.shape[0]), int(image.shape[1])
-    width, height = image.size
-    return int(height), int(width)
+from vllm_glimpse.settings import PruningSettingsError, visionzip_ratios
 
 
 class PruningQwen2_5_VLMultiModalProcessor(
-    GlimpseTokenMixin, RequestBudgetMixin, PruningHashMixin, Qwen2_5_VLMultiModalProcessor
+    GlimpseTokenMixin, QwenFamilyPruningProcessorMixin, Qwen2_5_VLMultiModalProcessor
 ):
-    def _image_budget(self, config) -> tuple[float, float] | None:
-        return visionzip_ratios(self.info.get_hf_config(), config)
-
-    def _num_images(self, processed) -> int:
-        grid = processed.get("image_grid_thw")
-        return 0 if grid is None else len(grid)
-
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        # Say which image the HF processor would refuse, and why: vLLM reports its failure as
-        # "Failed to apply Qwen2_5_VLProcessor on data=..." without the cause.
-        for i, image in enumerate(hf_data.get("images") or []):
-            height, width = _image_hw(image)
-            if min(height, width) < 1 or max(height, width) / min(height, width) >= QWEN_MAX_ASPECT_RATIO:
-                raise ValueError(
-                    f"image {i + 1} is {width}x{height} px: Qwen2.5-VL takes images whose longer "
-                    f"side is less than {QWEN_MAX_ASPECT_RATIO} times the shorter one")
-        return super()._call_hf_processor(hf_data, hf_kwargs)
-
-    def _unpruned_tokens(self, processed) -> list[int]:
-        merge_unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
-        return [int(g.prod()) // merge_unit for g in processed["image_grid_thw"]]
-
-    def _get_prompt_updates(
-        self,
-        mm_items,
-        hf_processor_mm_kwargs: Mapping[str, Any],
-        out_mm_kwargs,
-    ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        hf_config = self.info.get_hf_config()
-        ratios = visionzip_ratios(hf_config)
-        if ratios is None:
-            return updates
-        merge_unit = hf_config.vision_config.spatial_merge_size**2
-
-        def image_replacement(item_idx: int, image_token: list[int]):
-            item = out_mm_kwargs["image"][item_idx]
-            if "image_grid_thw" not in item or "pixel_values" not in item:
-                raise ValueError(
-                    "VisionZip on Qwen2.5-VL needs pixel images: it scores each token by the "
-                    "ViT's attention, so precomputed image_embeds cannot be pruned"
-                )
-            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
-            item_ratios = item_budget(out_mm_kwargs, item_idx) or ratios
-            return image_token * sum(visionzip_counts(num_tokens, *item_ratios))
-
-        return [
-            PromptReplacement(
-                modality="image",
-                target=update.target,
-                replacement=lambda i, token=list(update.target): image_replacement(i, token),
-            )
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
+    """vLLM's Qwen2.5-VL processor with the Qwen family's pruning pieces (placeholder counts,
+    per-request budgets, hashes, the aspect-ratio check) and, under GlimpsePrune, the glimpse
+    token appended to each prompt with images."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -3,8 +3,9 @@
 ProcessingInfo and DummyInputsBuilder (vLLM's) → MultiModalProcessor (placeholder counts from the
 VisionZip ratios, per-request budgets, hashes salted with the settings) → Model (the ViT run
 collecting what VisionZip reads; kept tokens at their original M-RoPE positions). The pieces
-shared with Qwen3-VL live in ``vllm_glimpse.models.qwen3_vl`` (processor and model mixins) and
-``vllm_glimpse.models.qwen_visionzip``; with method ``none`` every piece defers to vLLM's own.
+shared with Qwen3-VL live in ``vllm_glimpse.models.qwen3_vl`` (the model mixin) and
+``vllm_glimpse.models.qwen_visionzip`` (the processor mixin, selection, positions); with method
+``none`` every piece defers to vLLM's own.
 
 Scored block: Qwen2-VL's ViT has no window attention, every block is a full-attention block, so
 VisionZip's Qwen2.5-VL rule (the last full-attention block, ``max(fullatt_block_indexes)``, which
@@ -25,19 +26,18 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_glimpse.models.qwen3_vl import (
-    QwenFamilyVisionZipModelMixin,
-    QwenFamilyVisionZipProcessorMixin,
+from vllm_glimpse.models.qwen3_vl import QwenFamilyVisionZipModelMixin
+from vllm_glimpse.models.qwen_visionzip import (
+    QwenFamilyPruningProcessorMixin,
+    media_positions,
+    merged_scores_and_keys,
 )
-from vllm_glimpse.models.qwen_visionzip import media_positions, merged_scores_and_keys
 from vllm_glimpse.parallel import mean_over_head_shards
 
 
-class VisionZipQwen2VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
-                                        Qwen2VLMultiModalProcessor):
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        self._check_aspect_ratios(mm_items)
-        return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+class VisionZipQwen2VLMultiModalProcessor(QwenFamilyPruningProcessorMixin,
+                                          Qwen2VLMultiModalProcessor):
+    """Qwen2-VL's processor with the Qwen family's pruning pieces (all in the mixin)."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(

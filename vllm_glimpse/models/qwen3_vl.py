@@ -33,8 +33,6 @@ each contextual token in its target's slot (the authors' Qwen order, ``order="ra
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,18 +48,10 @@ from vllm.model_executor.models.qwen3_vl_moe import (
     Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from vllm_glimpse.models.common import (
-    BUDGET_FIELD,
-    PruningHashMixin,
-    RequestBudgetMixin,
-    image_budgets,
-    item_budget,
-)
+from vllm_glimpse.models.common import BUDGET_FIELD, image_budgets
 from vllm_glimpse.models.qwen_visionzip import (
-    QWEN_MAX_ASPECT_RATIO,
+    QwenFamilyPruningProcessorMixin,
     media_positions,
     merged_scores_and_keys,
     recompute_pruned_mrope_positions,
@@ -69,94 +59,19 @@ from vllm_glimpse.models.qwen_visionzip import (
     visionzip_per_image,
 )
 from vllm_glimpse.parallel import mean_over_head_shards
-from vllm_glimpse.settings import (
-    PruningSettingsError,
-    split_request_knobs,
-    variant_for,
-    visionzip_counts,
-    visionzip_ratios,
-)
+from vllm_glimpse.settings import PruningSettingsError, split_request_knobs, visionzip_ratios
 
 # --------------------------------------------------------------------------------------------
 # Processor
 # --------------------------------------------------------------------------------------------
 
 
-class QwenFamilyVisionZipProcessorMixin(RequestBudgetMixin, PruningHashMixin):
-    """VisionZip's placeholder counts and per-request budgets for a Qwen-VL processor whose
-    images carry ``image_grid_thw``: each image takes D + C placeholders, fixed here when the
-    prompt is processed, for any image size."""
-
-    def _image_budget(self, config) -> tuple[float, float] | None:
-        return visionzip_ratios(self.info.get_hf_config(), config)
-
-    def _num_images(self, processed) -> int:
-        grid = processed.get("image_grid_thw")
-        return 0 if grid is None else len(grid)
-
-    def _unpruned_tokens(self, processed) -> list[int]:
-        merge_unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
-        return [int(g.prod()) // merge_unit for g in processed["image_grid_thw"]]
-
-    def _check_aspect_ratios(self, mm_items) -> None:
-        """Say which image the HF processor would refuse, and why: vLLM reports its failure as
-        "Failed to apply ...Processor on data=..." without the cause."""
-        if "image" not in mm_items:
-            return
-        images = mm_items.get_items("image", ImageProcessorItems)
-        name = variant_for(self.info.get_hf_config()).display_name
-        for i in range(len(images)):
-            size = images.get_image_size(i)
-            short, long = min(size.width, size.height), max(size.width, size.height)
-            if short < 1 or long / short >= QWEN_MAX_ASPECT_RATIO:
-                raise ValueError(
-                    f"image {i + 1} is {size.width}x{size.height} px: {name} takes images whose "
-                    f"longer side is less than {QWEN_MAX_ASPECT_RATIO} times the shorter one")
-
-    def _get_prompt_updates(
-        self,
-        mm_items,
-        hf_processor_mm_kwargs: Mapping[str, Any],
-        out_mm_kwargs,
-    ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        hf_config = self.info.get_hf_config()
-        ratios = visionzip_ratios(hf_config)
-        if ratios is None:
-            return updates
-        merge_unit = hf_config.vision_config.spatial_merge_size ** 2
-        name = variant_for(hf_config).display_name
-
-        def image_replacement(item_idx: int, image_token: list[int]):
-            item = out_mm_kwargs["image"][item_idx]
-            if "image_grid_thw" not in item or "pixel_values" not in item:
-                raise ValueError(
-                    f"VisionZip on {name} needs pixel images: it scores each token by the "
-                    "ViT's attention, so precomputed image_embeds cannot be pruned"
-                )
-            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
-            item_ratios = item_budget(out_mm_kwargs, item_idx) or ratios
-            return image_token * sum(visionzip_counts(num_tokens, *item_ratios))
-
-        return [
-            PromptReplacement(
-                modality="image",
-                target=update.target,
-                replacement=lambda i, token=list(update.target): image_replacement(i, token),
-            )
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
-
-
-class VisionZipQwen3VLMultiModalProcessor(QwenFamilyVisionZipProcessorMixin,
-                                        Qwen3VLMultiModalProcessor):
+class VisionZipQwen3VLMultiModalProcessor(QwenFamilyPruningProcessorMixin,
+                                          Qwen3VLMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         """Qwen3-VL's processor calls the HF processor itself (not ``_call_hf_processor``), so
         the request's pruning keys are taken out here: the HF processor never sees them, and
         the budget the images carry is the request's (validated like the engine's)."""
-        self._check_aspect_ratios(mm_items)
         ours, hf_only = split_request_knobs(hf_kwargs)
         processed = super()._apply_hf_processor_main(mm_items, hf_only)
         if ours and BUDGET_FIELD in processed:

@@ -5,19 +5,25 @@ per post-merger token of all images in raster order: the ViT output row, the att
 receives in the scored block and that block's key. From there the family is one: each image keeps
 D + C tokens in the authors' Qwen order, every token at its slot's image-local (t, h, w) M-RoPE
 position, carried in ``POSITION_CHANNELS`` extra embedding channels until the runner re-places the
-tokens (``recompute_pruned_mrope_positions``). Processors, video positions and how each model lays
-out an unpruned prompt stay in the model files.
+tokens (``recompute_pruned_mrope_positions``). The processors share one mixin
+(``QwenFamilyPruningProcessorMixin``: placeholder counts, per-request budgets, hashes, the
+aspect-ratio check); video positions and how each model lays out an unpruned prompt stay in the
+model files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from vllm_glimpse.kernels.visionzip_triton import attention_received_scores
-from vllm_glimpse.settings import visionzip_counts
+from vllm_glimpse.models.common import PruningHashMixin, RequestBudgetMixin, item_budget
+from vllm_glimpse.settings import variant_for, visionzip_counts, visionzip_ratios
 from vllm_glimpse.visionzip import visionzip
 
 # transformers' Qwen2-VL ``smart_resize`` raises for an absolute aspect ratio >= 200 (MAX_RATIO).
@@ -25,6 +31,86 @@ QWEN_MAX_ASPECT_RATIO = 200
 
 #: Channels appended to each image/video embedding row: the token's image-local (t, h, w).
 POSITION_CHANNELS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------
+
+
+class QwenFamilyPruningProcessorMixin(RequestBudgetMixin, PruningHashMixin):
+    """The processor side of our Qwen-VL models (images carry ``image_grid_thw``), for every
+    method: hashes salted with the settings, per-request budgets, the aspect-ratio check and,
+    under VisionZip, each image's D + C placeholders, fixed here when the prompt is processed,
+    for any image size."""
+
+    def _image_budget(self, config) -> tuple[float, float] | None:
+        return visionzip_ratios(self.info.get_hf_config(), config)
+
+    def _num_images(self, processed) -> int:
+        grid = processed.get("image_grid_thw")
+        return 0 if grid is None else len(grid)
+
+    def _unpruned_tokens(self, processed) -> list[int]:
+        merge_unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return [int(g.prod()) // merge_unit for g in processed["image_grid_thw"]]
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        self._check_aspect_ratios(mm_items)
+        return super()._apply_hf_processor_main(mm_items, hf_kwargs)
+
+    def _check_aspect_ratios(self, mm_items) -> None:
+        """Say which image the HF processor would refuse, and why: vLLM reports its failure as
+        "Failed to apply ...Processor on data=..." without the cause. Only pixel images are
+        resized; precomputed image_embeds pass (VisionZip refuses them with its own reason in
+        the prompt updates)."""
+        images = mm_items.get("image")
+        if not isinstance(images, ImageProcessorItems):
+            return
+        for i in range(len(images)):
+            size = images.get_image_size(i)
+            short, long = min(size.width, size.height), max(size.width, size.height)
+            if short < 1 or long / short >= QWEN_MAX_ASPECT_RATIO:
+                name = variant_for(self.info.get_hf_config()).display_name
+                raise ValueError(
+                    f"image {i + 1} is {size.width}x{size.height} px: {name} takes images whose "
+                    f"longer side is less than {QWEN_MAX_ASPECT_RATIO} times the shorter one")
+
+    def _get_prompt_updates(
+        self,
+        mm_items,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        hf_config = self.info.get_hf_config()
+        ratios = visionzip_ratios(hf_config)
+        if ratios is None:
+            return updates
+        merge_unit = hf_config.vision_config.spatial_merge_size ** 2
+        name = variant_for(hf_config).display_name
+
+        def image_replacement(item_idx: int, image_token: list[int]):
+            item = out_mm_kwargs["image"][item_idx]
+            if "image_grid_thw" not in item or "pixel_values" not in item:
+                raise ValueError(
+                    f"VisionZip on {name} needs pixel images: it scores each token by the "
+                    "ViT's attention, so precomputed image_embeds cannot be pruned"
+                )
+            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_unit
+            item_ratios = item_budget(out_mm_kwargs, item_idx) or ratios
+            return image_token * sum(visionzip_counts(num_tokens, *item_ratios))
+
+        return [
+            PromptReplacement(
+                modality="image",
+                target=update.target,
+                replacement=lambda i, token=list(update.target): image_replacement(i, token),
+            )
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
 
 
 # --------------------------------------------------------------------------------------------
