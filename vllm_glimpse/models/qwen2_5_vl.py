@@ -35,15 +35,15 @@ from vllm_glimpse.models.common import GlimpseTokenMixin, image_budgets
 from vllm_glimpse.models.glimpse_lm import GlimpseModelMixin
 from vllm_glimpse.models.qwen_visionzip import (
     QwenFamilyPruningProcessorMixin,
+    QwenFamilyVisionZipPositionsMixin,
     media_extent,
     media_positions,
     merged_scores_and_keys,
-    recompute_pruned_mrope_positions,
     rotated_query_key,
     visionzip_per_image,
 )
 from vllm_glimpse.parallel import mean_over_head_shards
-from vllm_glimpse.settings import PruningSettingsError, visionzip_ratios
+from vllm_glimpse.settings import PruningSettingsError
 
 
 class PruningQwen2_5_VLMultiModalProcessor(
@@ -59,17 +59,13 @@ class PruningQwen2_5_VLMultiModalProcessor(
     info=Qwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class PruningQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLForConditionalGeneration):
+class PruningQwen2_5_VLForConditionalGeneration(
+    GlimpseModelMixin, QwenFamilyVisionZipPositionsMixin, Qwen2_5_VLForConditionalGeneration
+):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_glimpse(vllm_config)
-        self.visionzip_ratios = visionzip_ratios(vllm_config.model_config.hf_config)
-        # Read by the runner patch: pruned images need their positions re-placed.
-        self.needs_mrope_recompute = self.visionzip_ratios is not None
-        if self.visionzip_ratios is not None:
-            # vLLM's own flag for models whose embeddings carry positions: it also keeps the
-            # encoder out of CUDA graphs, which would bypass embed_multimodal.
-            self.is_multimodal_pruning_enabled = True
+        self._init_visionzip(vllm_config)
 
     # ---- embeddings ------------------------------------------------------------------------
 
@@ -163,18 +159,6 @@ class PruningQwen2_5_VLForConditionalGeneration(GlimpseModelMixin, Qwen2_5_VLFor
         positions[:, start:] = np.arange(len(input_tokens) - start) + next_position
         delta = int(positions.max()) + 1 - len(input_tokens) if len(input_tokens) else 0
         return torch.from_numpy(positions), delta
-
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
-                                  num_computed_tokens):
-        """Strip the position channels off this step's media embeddings and write those tokens'
-        final positions (``recompute_pruned_mrope_positions``: vLLM's generic version mistakes
-        a step that starts after a finished image for the continuation of that image)."""
-        if self.visionzip_ratios is None:
-            return super().recompute_mrope_positions(
-                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
-        return recompute_pruned_mrope_positions(
-            (self.config.image_token_id, self.config.video_token_id),
-            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
 # --------------------------------------------------------------------------------------------

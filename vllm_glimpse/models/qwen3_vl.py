@@ -52,14 +52,14 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm_glimpse.models.common import BUDGET_FIELD, image_budgets
 from vllm_glimpse.models.qwen_visionzip import (
     QwenFamilyPruningProcessorMixin,
+    QwenFamilyVisionZipPositionsMixin,
     media_positions,
     merged_scores_and_keys,
-    recompute_pruned_mrope_positions,
     rotated_query_key,
     visionzip_per_image,
 )
 from vllm_glimpse.parallel import mean_over_head_shards
-from vllm_glimpse.settings import PruningSettingsError, split_request_knobs, visionzip_ratios
+from vllm_glimpse.settings import PruningSettingsError, split_request_knobs
 
 # --------------------------------------------------------------------------------------------
 # Processor
@@ -88,24 +88,12 @@ class VisionZipQwen3VLMultiModalProcessor(QwenFamilyPruningProcessorMixin,
 # --------------------------------------------------------------------------------------------
 
 
-class QwenFamilyVisionZipModelMixin:
+class QwenFamilyVisionZipModelMixin(QwenFamilyVisionZipPositionsMixin):
     """VisionZip for a vLLM Qwen-VL model whose images are (t=1, h, w) grids and whose image
     tokens get M-RoPE positions (t=0, row, column) after the image's vision-start token.
-    Subclasses define ``_vit_with_visionzip_inputs(pixel_values, grid_thw)`` and
+    Subclasses call ``_init_visionzip`` after vLLM's ``__init__`` and define
+    ``_vit_with_visionzip_inputs(pixel_values, grid_thw)`` and
     ``_unpruned_mrope_input_positions(input_tokens, mm_features)``."""
-
-    visionzip_ratios: tuple[float, float] | None = None
-
-    def _init_visionzip(self, vllm_config: VllmConfig) -> None:
-        hf_config = vllm_config.model_config.hf_config
-        self.visionzip_ratios = visionzip_ratios(hf_config)
-        # Read by the runner patch: pruned images need their positions re-placed.
-        self.needs_mrope_recompute = self.visionzip_ratios is not None
-        if self.visionzip_ratios is None:
-            return
-        # vLLM's own flag for models whose embeddings carry positions: it also keeps the
-        # encoder out of CUDA graphs, which would bypass embed_multimodal.
-        self.is_multimodal_pruning_enabled = True
 
     def embed_multimodal(self, **kwargs: object):
         if self.visionzip_ratios is None:
@@ -178,15 +166,6 @@ class QwenFamilyVisionZipModelMixin:
         # Decoding continues one past the unpruned prompt's largest position.
         delta = int(full.max()) + 1 - len(tokens) if len(tokens) else 0
         return positions, delta
-
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
-                                  num_computed_tokens):
-        if self.visionzip_ratios is None:
-            return super().recompute_mrope_positions(
-                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
-        return recompute_pruned_mrope_positions(
-            (self.config.image_token_id, self.config.video_token_id),
-            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
 class Qwen3VLVisionZipMixin(QwenFamilyVisionZipModelMixin):

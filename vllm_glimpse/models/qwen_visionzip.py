@@ -5,7 +5,8 @@ per post-merger token of all images in raster order: the ViT output row, the att
 receives in the scored block and that block's key. From there the family is one: each image keeps
 D + C tokens in the authors' Qwen order, every token at its slot's image-local (t, h, w) M-RoPE
 position, carried in ``POSITION_CHANNELS`` extra embedding channels until the runner re-places the
-tokens (``recompute_pruned_mrope_positions``). The processors share one mixin
+tokens (``recompute_pruned_mrope_positions``, hooked into each model by
+``QwenFamilyVisionZipPositionsMixin``). The processors share one mixin
 (``QwenFamilyPruningProcessorMixin``: placeholder counts, per-request budgets, hashes, the
 aspect-ratio check); video positions and how each model lays out an unpruned prompt stay in the
 model files.
@@ -198,6 +199,37 @@ def recompute_pruned_mrope_positions(media_token_ids, input_ids, multimodal_embe
     tokens = media_tokens[first:first + local.shape[1]]
     positions[:, tokens] = run_base[run_of_token[tokens]] + local
     return embeddings, positions, int(positions.max()) + 1 - positions.shape[1]
+
+
+class QwenFamilyVisionZipPositionsMixin:
+    """For a vLLM Qwen-VL model: under VisionZip, switch the runner's position recompute on and
+    re-place each pruned media token once its embedding (which carries the token's image-local
+    (t, h, w)) is gathered; without VisionZip the recompute is vLLM's own. Call
+    ``_init_visionzip`` after vLLM's ``__init__``."""
+
+    visionzip_ratios: tuple[float, float] | None = None
+
+    def _init_visionzip(self, vllm_config) -> None:
+        self.visionzip_ratios = visionzip_ratios(vllm_config.model_config.hf_config)
+        # Read by the runner patch: pruned images need their positions re-placed.
+        self.needs_mrope_recompute = self.visionzip_ratios is not None
+        if self.visionzip_ratios is None:
+            return
+        # vLLM's own flag for models whose embeddings carry positions: it also keeps the
+        # encoder out of CUDA graphs, which would bypass embed_multimodal.
+        self.is_multimodal_pruning_enabled = True
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
+                                  num_computed_tokens):
+        """Strip the position channels off this step's media embeddings and write those tokens'
+        final positions (``recompute_pruned_mrope_positions``: vLLM's generic version mistakes
+        a step that starts after a finished image for the continuation of that image)."""
+        if self.visionzip_ratios is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+        return recompute_pruned_mrope_positions(
+            (self.config.image_token_id, self.config.video_token_id),
+            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
 # --------------------------------------------------------------------------------------------
