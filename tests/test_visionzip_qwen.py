@@ -264,23 +264,55 @@ def test_old_order_fails_against_reference(tiny_models, hf_qwen):
     assert differ >= 2  # 4 of the 5 image prompts on the tiny model
 
 
-def test_precomputed_image_embeds_are_refused_clearly(tiny_models):
-    """VisionZip scores tokens by the ViT's attention: an image given as embeddings cannot be
-    pruned, and the request fails in input processing (the engine never sees it)."""
+def _process(model: str, method: str, image, *, embeds: bool = False):
+    """One request through vLLM's input processing only (no engine): the prompt's image
+    placeholder lengths, or the error a user gets."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
 
     import vllm_glimpse
     from vllm_glimpse.testing.generate import TINY_ENGINE_ARGS
+    from vllm_glimpse.testing.tiny_models import tiny_model_path
 
-    path = tiny_models["qwen2_5_vl"]
-    config = EngineArgs(model=str(path), **TINY_ENGINE_ARGS, enable_mm_embeds=True,
-                        **vllm_glimpse.engine_kwargs("visionzip")).create_engine_config()
-    hidden = config.model_config.hf_config.text_config.hidden_size
+    config = EngineArgs(model=str(tiny_model_path(model)), **TINY_ENGINE_ARGS,
+                        enable_mm_embeds=embeds,
+                        **vllm_glimpse.engine_kwargs(method)).create_engine_config()
+    if embeds:
+        hidden = config.model_config.hf_config.text_config.hidden_size
+        image = {"image_embeds": torch.zeros(16, hidden), "image_grid_thw": torch.tensor([[1, 8, 8]])}
     prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>Describe.",
-              "multi_modal_data": {"image": {"image_embeds": torch.zeros(16, hidden),
-                                             "image_grid_thw": torch.tensor([[1, 8, 8]])}}}
-    with pytest.raises(ValueError, match="VisionZip on Qwen2.5-VL needs pixel images"):
-        InputProcessor(config).process_inputs("r", prompt, SamplingParams(max_tokens=1),
-                                              ("generate",))
+              "multi_modal_data": {"image": image}}
+    processed = InputProcessor(config).process_inputs("r", prompt, SamplingParams(max_tokens=1),
+                                                      ("generate",))
+    return [f.mm_position.length for f in processed.mm_features]
+
+
+QWEN_FAMILY = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
+
+
+@pytest.mark.parametrize("model", list(QWEN_FAMILY))
+def test_precomputed_image_embeds_are_refused_clearly(model):
+    """VisionZip scores tokens by the ViT's attention: an image given as embeddings cannot be
+    pruned, and the request fails in input processing (the engine never sees it) with one line;
+    the plugin's variant with pruning off takes them as vLLM does (16 tokens for a 1 x 8 x 8
+    grid)."""
+    with pytest.raises(ValueError, match=f"VisionZip on {QWEN_FAMILY[model]} needs pixel images"):
+        _process(model, "visionzip", None, embeds=True)
+    assert _process(model, "none", None, embeds=True) == [16]
+
+
+@pytest.mark.parametrize("model", list(QWEN_FAMILY))
+def test_aspect_ratio_of_arrays_and_tensors_is_read_as_vllm_reads_them(model):
+    """Images given as an HWC array or an HWC tensor in a list (vLLM reads both as height x
+    width x channels; a bare 3-D tensor would be taken for embeddings): 40 x 1000 px is served (aspect 25), 20 x 4100 px is refused in one line (aspect
+    >= 200, which the HF processor cannot resize)."""
+    import numpy as np
+
+    name = QWEN_FAMILY[model]
+    for image in (np.zeros((40, 1000, 3), np.uint8), torch.zeros(40, 1000, 3, dtype=torch.uint8)):
+        assert len(_process(model, "visionzip", [image])) == 1
+    for image in (np.zeros((20, 4100, 3), np.uint8), torch.zeros(20, 4100, 3, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=f"image 1 is 4100x20 px: {name} takes images whose "
+                                             "longer side is less than 200 times the shorter one"):
+            _process(model, "visionzip", [image])
