@@ -305,8 +305,9 @@ def test_precomputed_image_embeds_are_refused_clearly(model):
 @pytest.mark.parametrize("model", list(QWEN_FAMILY))
 def test_aspect_ratio_of_arrays_and_tensors_is_read_as_vllm_reads_them(model):
     """Images given as an HWC array or an HWC tensor in a list (vLLM reads both as height x
-    width x channels; a bare 3-D tensor would be taken for embeddings): 40 x 1000 px is served (aspect 25), 20 x 4100 px is refused in one line (aspect
-    >= 200, which the HF processor cannot resize)."""
+    width x channels; a bare 3-D tensor would be taken for embeddings): 40 x 1000 px is served
+    (aspect 25), 20 x 4100 px is refused in one line (aspect >= 200, which the HF processor
+    cannot resize)."""
     import numpy as np
 
     name = QWEN_FAMILY[model]
