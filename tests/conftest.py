@@ -33,3 +33,12 @@ def glimpse_checkpoints(tiny_models, tmp_path_factory):
     return {family: str(write_tiny_checkpoint(root / family, family,
                                               AutoConfig.from_pretrained(tiny_models[family])))
             for family in ("qwen2_5_vl", "llava")}
+
+
+@pytest.fixture(scope="session")
+def hf_glimpse(tiny_models, glimpse_checkpoints):
+    """family -> the GlimpsePrune HF reference on the tiny model and its checkpoint."""
+    from tests.reference.glimpse_hf import GlimpseReference
+
+    return {family: GlimpseReference.load(family, tiny_models[family], checkpoint)
+            for family, checkpoint in glimpse_checkpoints.items()}

@@ -15,16 +15,10 @@ import logging
 
 import pytest
 import torch
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    LlavaForConditionalGeneration,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from transformers import AutoConfig
 from vllm import SamplingParams
 
-from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
-from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.glimpse import KeepRule
 from vllm_glimpse.settings import LOGGER_NAME
 from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.testing.generate import make_llm, shutdown
@@ -33,27 +27,6 @@ from vllm_glimpse.testing.workloads import ImageSpec, RequestSpec, build_request
 
 MAX_TOKENS = 6
 FAMILIES = ["qwen2_5_vl", "llava"]
-HF_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "llava": LlavaForConditionalGeneration}
-PREPARE = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_models, glimpse_checkpoints):
-    """family -> (HF model, processor, predictor), float32, eager attention."""
-    out = {}
-    for f in FAMILIES:
-        model = HF_CLASSES[f].from_pretrained(tiny_models[f], attn_implementation="eager").eval()
-        predictor = load_glimpse_checkpoint(glimpse_checkpoints[f], model.config,
-                                            dtype=torch.float32).predictor
-        out[f] = (model, AutoProcessor.from_pretrained(tiny_models[f]), predictor)
-    return out
-
-
-def _reference(hf, family, prompt, images, rule):
-    model, processor, predictor = hf[family]
-    layers = predictor.config.selected_visual_layers
-    prepared = PREPARE[family](model, processor, prompt, images, layers)
-    return glimpse_generate(model, prepared, predictor, MAX_TOKENS, keep_rule=rule), prepared
 
 
 def _scheduler(llm):
@@ -79,7 +52,8 @@ RULES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", list(RULES))
-def test_greedy_tokens_and_stats_equal_reference(tiny_models, glimpse_checkpoints, hf, family, rule):
+def test_greedy_tokens_and_stats_equal_reference(tiny_models, glimpse_checkpoints, hf_glimpse, family,
+                                                 rule):
     knobs, keep_rule, per_request = RULES[rule]
     records = []
     handler = logging.Handler()
@@ -108,7 +82,7 @@ def test_greedy_tokens_and_stats_equal_reference(tiny_models, glimpse_checkpoint
     for i, (spec, prompt, out) in enumerate(zip(specs, prompts, outputs)):
         images = [img.build() for img in spec.images]
         request_rule = per_request[i][1] if i in per_request else keep_rule
-        want, prepared = _reference(hf, family, prompt["prompt"], images, request_rule)
+        want, prepared = hf_glimpse[family].generate(prompt["prompt"], images, MAX_TOKENS, request_rule)
         assert list(out.outputs[0].token_ids) == want.tokens, f"{spec}: tokens differ from the reference"
         # the caller's prompt (as HF's processor expands it), without the appended glimpse token
         assert list(out.prompt_token_ids) == prepared.input_ids.tolist(), spec

@@ -249,37 +249,6 @@ def test_visionzip_qwen_greedy_tokens_equal_hf_reference(tiny_models, hf_qwen, d
 # ---- GlimpsePrune -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf_glimpse(tiny_models, glimpse_checkpoints):
-    """family -> (HF model, processor, predictor): float32, eager attention, on the CPU."""
-    from transformers import (
-        AutoProcessor,
-        LlavaForConditionalGeneration,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    from vllm_glimpse.glimpse import load_glimpse_checkpoint
-
-    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "llava": LlavaForConditionalGeneration}
-    out = {}
-    for f in FAMILIES:
-        model = classes[f].from_pretrained(tiny_models[f], attn_implementation="eager").eval()
-        predictor = load_glimpse_checkpoint(glimpse_checkpoints[f], model.config,
-                                            dtype=torch.float32).predictor
-        out[f] = (model, AutoProcessor.from_pretrained(tiny_models[f]), predictor)
-    return out
-
-
-def _glimpse_reference(hf_glimpse, family, prompt, images, keep_rule):
-    from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
-
-    model, processor, predictor = hf_glimpse[family]
-    prepare = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}[family]
-    prepared = prepare(model, processor, prompt, images, predictor.config.selected_visual_layers)
-    return glimpse_generate(model, prepared, predictor, MAX_TOKENS, keep_rule=keep_rule), prepared
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", ["fixed_ratio", "checkpoint_threshold"])
 def test_glimpse_float32_tokens_stats_and_blocks_equal_hf_reference(
@@ -309,9 +278,8 @@ def test_glimpse_float32_tokens_stats_and_blocks_equal_hf_reference(
     pruned_somewhere = False
     for i, (spec, out) in enumerate(zip(specs, outputs)):
         images = [img.build() for img in spec.images]
-        want, prepared = _glimpse_reference(hf_glimpse, family,
-                                            build_request(tokenizer, spec)["prompt"], images,
-                                            keep_rule)
+        want, prepared = hf_glimpse[family].generate(build_request(tokenizer, spec)["prompt"],
+                                                     images, MAX_TOKENS, keep_rule)
         assert list(out.outputs[0].token_ids) == want.tokens, f"{spec}: tokens differ"
         assert list(out.prompt_token_ids) == prepared.input_ids.tolist(), spec
         stats = (out.kv_transfer_params or {}).get(STATS_KEY)
@@ -435,7 +403,7 @@ def test_glimpse_flash_attention_triton_path(tiny_models, glimpse_checkpoints, h
 
     specs = mixed_batch()
     knobs = {"checkpoint": glimpse_checkpoints[family], "fixed_ratio": FIXED_RATIO}
-    log_softmax = not hf_glimpse[family][2].config.use_attention_logits  # LLaVA
+    log_softmax = not hf_glimpse[family].predictor.config.use_attention_logits  # LLaVA
 
     counters = _count_kernel_launches(monkeypatch)
     scores = _record_scores_with_reference(monkeypatch)

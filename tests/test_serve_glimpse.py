@@ -3,12 +3,9 @@ the engine, the answer equals the independent HF reference, the response carries
 stats, and text-only requests share the server."""
 
 import pytest
-import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
 from tests.test_serve import _data_url, metric_delta, running_server, scrape_metrics
-from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.glimpse import KeepRule
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
 
 MAX_TOKENS = 8
@@ -36,11 +33,10 @@ def glimpse_server(tiny_models, checkpoint, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_chat_completion_prunes_and_equals_reference(glimpse_server, tiny_models, checkpoint):
+def test_chat_completion_prunes_and_equals_reference(glimpse_server, hf_glimpse):
     from openai import OpenAI
 
     url, log = glimpse_server
-    path = tiny_models["qwen2_5_vl"]
     images = [ImageSpec("checker", 640, 360, 2).build(), ImageSpec("noise", 280, 504, 3).build()]
     question = "Compare the two images."
     client = OpenAI(base_url=url, api_key="unused")
@@ -52,13 +48,9 @@ def test_chat_completion_prunes_and_equals_reference(glimpse_server, tiny_models
         max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True, "return_token_ids": True})
     token_ids = response.choices[0].model_extra["token_ids"]
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(path)
-    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
-    prompt = chat_prompt(processor.tokenizer, question, 2)
-    prepared = prepare_qwen(model, processor, prompt, images, predictor.config.selected_visual_layers)
-    want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
-                            keep_rule=KeepRule(fixed_remain_ratio=RATIO))
+    reference = hf_glimpse["qwen2_5_vl"]
+    want, prepared = reference.generate(chat_prompt(reference.processor.tokenizer, question, 2),
+                                        images, MAX_TOKENS, KeepRule(fixed_remain_ratio=RATIO))
     assert token_ids == want.tokens
     # the prompt as the caller sent it (HF's processor expands it the same way), without the
     # glimpse token the engine appends; usage counts it unpruned

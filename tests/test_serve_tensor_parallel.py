@@ -5,12 +5,9 @@ at `--data-parallel-size 2`."""
 
 
 import pytest
-import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from tests.reference.glimpse_hf import glimpse_generate, prepare_qwen
 from tests.test_serve import _data_url, running_server
-from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.glimpse import KeepRule
 from vllm_glimpse.testing.workloads import ImageSpec, chat_prompt
 
 MAX_TOKENS = 8
@@ -18,7 +15,8 @@ RATIO = 0.25
 
 
 @pytest.mark.slow
-def test_tp2_server_answers_a_chat_with_an_image(tiny_models, glimpse_checkpoints, tmp_path, monkeypatch):
+def test_tp2_server_answers_a_chat_with_an_image(tiny_models, glimpse_checkpoints, hf_glimpse, tmp_path,
+                                                 monkeypatch):
     from openai import OpenAI
 
     path = tiny_models["qwen2_5_vl"]
@@ -43,13 +41,9 @@ def test_tp2_server_answers_a_chat_with_an_image(tiny_models, glimpse_checkpoint
             model=model_id, messages=[{"role": "user", "content": "Please count the numbers."}],
             max_tokens=3, extra_body={"ignore_eos": True})
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(path)
-    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
-    prepared = prepare_qwen(model, processor, chat_prompt(processor.tokenizer, question, 1), [image],
-                            predictor.config.selected_visual_layers)
-    want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
-                            keep_rule=KeepRule(fixed_remain_ratio=RATIO))
+    reference = hf_glimpse["qwen2_5_vl"]
+    want, _ = reference.generate(chat_prompt(reference.processor.tokenizer, question, 1), [image],
+                                 MAX_TOKENS, KeepRule(fixed_remain_ratio=RATIO))
     assert response.choices[0].model_extra["token_ids"] == want.tokens
 
     stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
@@ -62,7 +56,8 @@ def test_tp2_server_answers_a_chat_with_an_image(tiny_models, glimpse_checkpoint
 
 
 @pytest.mark.slow
-def test_dp2_server_prunes_on_both_engines(tiny_models, glimpse_checkpoints, tmp_path, monkeypatch):
+def test_dp2_server_prunes_on_both_engines(tiny_models, glimpse_checkpoints, hf_glimpse, tmp_path,
+                                           monkeypatch):
     """`--data-parallel-size 2 --api-server-count 1`: each data-parallel rank is an engine of
     its own (scheduler, worker, KV cache); requests spread over both, each pruned there, with
     the tokens of the HF reference and its stats."""
@@ -89,13 +84,9 @@ def test_dp2_server_prunes_on_both_engines(tiny_models, glimpse_checkpoints, tmp
             max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True, "return_token_ids": True})
             for _ in range(4)]
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(path)
-    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
-    prepared = prepare_qwen(model, processor, chat_prompt(processor.tokenizer, question, 1), [image],
-                            predictor.config.selected_visual_layers)
-    want = glimpse_generate(model, prepared, predictor, MAX_TOKENS,
-                            keep_rule=KeepRule(fixed_remain_ratio=RATIO))
+    reference = hf_glimpse["qwen2_5_vl"]
+    want, _ = reference.generate(chat_prompt(reference.processor.tokenizer, question, 1), [image],
+                                 MAX_TOKENS, KeepRule(fixed_remain_ratio=RATIO))
     for response in responses:
         assert response.choices[0].model_extra["token_ids"] == want.tokens
         stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]

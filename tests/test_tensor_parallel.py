@@ -21,7 +21,6 @@ import contextlib
 import os
 
 import pytest
-import torch
 from transformers import (
     AutoProcessor,
     LlavaForConditionalGeneration,
@@ -30,9 +29,8 @@ from transformers import (
 )
 from vllm import SamplingParams
 
-from tests.reference.glimpse_hf import glimpse_generate, prepare_llava, prepare_qwen
 from tests.reference.visionzip_hf import llava_generate, llava_next_generate, qwen_generate
-from vllm_glimpse.glimpse import KeepRule, load_glimpse_checkpoint
+from vllm_glimpse.glimpse import KeepRule
 from vllm_glimpse.stats import STATS_KEY
 from vllm_glimpse.testing.generate import make_llm, shutdown
 from vllm_glimpse.testing.ranks import record_keep_decisions, recorded_keep_decisions
@@ -52,7 +50,6 @@ VISIONZIP = {
     "qwen2_5_vl": ({"dominant_ratio": 0.45, "contextual_ratio": 0.05}, qwen_generate, (0.45, 0.05)),
 }
 GLIMPSE_RATIO = 0.25
-PREPARE = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}
 
 
 @contextlib.contextmanager
@@ -165,17 +162,10 @@ def test_visionzip_pp2_equals_reference(tiny_models):
 # ---- GlimpsePrune ------------------------------------------------------------------------------
 
 
-def _glimpse_reference(family, checkpoint, tokenizer, specs):
-    model, processor = _hf(family)
-    predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
-    layers = predictor.config.selected_visual_layers
-    out = []
-    for spec in specs:
-        prompt = build_request(tokenizer, spec)["prompt"]
-        prepared = PREPARE[family](model, processor, prompt, [i.build() for i in spec.images], layers)
-        out.append(glimpse_generate(model, prepared, predictor, MAX_TOKENS,
-                                    keep_rule=KeepRule(fixed_remain_ratio=GLIMPSE_RATIO)))
-    return out
+def _glimpse_reference(reference, tokenizer, specs):
+    return [reference.generate(build_request(tokenizer, spec)["prompt"],
+                               [i.build() for i in spec.images], MAX_TOKENS,
+                               KeepRule(fixed_remain_ratio=GLIMPSE_RATIO))[0] for spec in specs]
 
 
 def _decisions(llm) -> dict[int, dict[str, list[list[int]]]]:
@@ -225,7 +215,7 @@ def _run_with_preemption(llm, specs, copies):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, glimpse_checkpoints, family):
+def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, glimpse_checkpoints, hf_glimpse, family):
     """The per-head glimpse logits are gathered over the ranks and the VIP's logits broadcast
     from the first rank: both ranks keep the rows a TP=1 engine keeps, the tokens equal TP=1's
     and the HF reference's, and the stats (reported once, by the scheduler) equal TP=1's."""
@@ -263,7 +253,7 @@ def test_glimpse_tp2_decides_once_for_all_ranks(tiny_models, glimpse_checkpoints
     assert tp2 == tp1
     assert tp2_stats == tp1_stats
 
-    want = _glimpse_reference(family, glimpse_checkpoints[family], tokenizer, specs)
+    want = _glimpse_reference(hf_glimpse[family], tokenizer, specs)
     for i, (spec, reference) in enumerate(zip(specs, want)):
         assert tp2[i] == reference.tokens, f"request {i} ({spec}): TP=2 differs from the reference"
         if spec.images:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,8 +53,7 @@ __all__ = [
     "qwen_pool_to_raster",
     "prepare_llava",
     "glimpse_generate",
-    "qwen_glimpse_generate",
-    "llava_glimpse_generate",
+    "GlimpseReference",
 ]
 
 
@@ -369,15 +369,40 @@ def glimpse_generate(model, prepared: PreparedPrompt, predictor: GlimpsePredicto
     return result
 
 
-def qwen_glimpse_generate(model, processor, predictor, prompt, images, max_new_tokens, **kwargs):
-    """Prepare a Qwen2.5-VL request and run :func:`glimpse_generate`."""
-    layers = predictor.config.selected_visual_layers if predictor is not None else ()
-    prepared = prepare_qwen(model, processor, prompt, images, layers)
-    return glimpse_generate(model, prepared, predictor, max_new_tokens, **kwargs)
+#: How each family's request is prepared (the HF model's own input building).
+PREPARE = {"qwen2_5_vl": prepare_qwen, "llava": prepare_llava}
 
 
-def llava_glimpse_generate(model, processor, predictor, prompt, images, max_new_tokens, **kwargs):
-    """Prepare a LLaVA-1.5 request and run :func:`glimpse_generate`."""
-    layers = predictor.config.selected_visual_layers if predictor is not None else ()
-    prepared = prepare_llava(model, processor, prompt, images, layers)
-    return glimpse_generate(model, prepared, predictor, max_new_tokens, **kwargs)
+@dataclass
+class GlimpseReference:
+    """One family's reference: the HF model (float32, eager attention), its processor and the
+    GlimpsePrune modules of a checkpoint, loaded as the authors' code would."""
+
+    family: str  # "qwen2_5_vl" or "llava"
+    model: Any
+    processor: Any
+    predictor: GlimpsePredictor
+
+    @classmethod
+    def load(cls, family: str, model_path: str, checkpoint: str) -> GlimpseReference:
+        from transformers import (
+            AutoProcessor,
+            LlavaForConditionalGeneration,
+            Qwen2_5_VLForConditionalGeneration,
+        )
+
+        from vllm_glimpse.glimpse import load_glimpse_checkpoint
+
+        model_cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                     "llava": LlavaForConditionalGeneration}[family]
+        model = model_cls.from_pretrained(model_path, attn_implementation="eager").eval()
+        predictor = load_glimpse_checkpoint(checkpoint, model.config, dtype=torch.float32).predictor
+        return cls(family, model, AutoProcessor.from_pretrained(model_path), predictor)
+
+    def generate(self, prompt: str, images, max_new_tokens: int,
+                 keep_rule: KeepRule | None = None) -> tuple[GlimpseResult, PreparedPrompt]:
+        """Greedy tokens with GlimpsePrune (:func:`glimpse_generate`), and the prepared prompt."""
+        prepared = PREPARE[self.family](self.model, self.processor, prompt, images,
+                                        self.predictor.config.selected_visual_layers)
+        return glimpse_generate(self.model, prepared, self.predictor, max_new_tokens,
+                                keep_rule=keep_rule), prepared
