@@ -262,8 +262,8 @@ def refuse_prompts_over_the_step_budget() -> None:
 
     vLLM checks a prompt's length against ``max_model_len`` only, in
     ``InputProcessor._validate_prompt_len`` (vLLM 0.32, ``v1/engine/input_processor.py``), whose
-    error reaches the caller as a ``ValueError`` (``LLM``) or a 400 (``vllm serve``); the wrap
-    adds our bound there, with vLLM's error class.
+    ``VLLMValidationError`` reaches the caller as an exception (``LLM``) or a 400 (``vllm serve``);
+    the wrap adds our bound there, with that error class.
     """
     global _step_budget_patch_installed
     if _step_budget_patch_installed:

@@ -106,21 +106,22 @@ def set_step_budget(sched, max_model_len: int, user_budget: int | None) -> None:
     prompt in one step. The user's value bounds prompts (refused beyond it, one by one:
     :func:`prompt_over_step_budget`); without one, any prompt up to ``max_model_len`` must fit.
     The encoder budget and cache follow: a prompt's images are all encoded in its step."""
-    budget = user_budget if user_budget is not None else max_model_len
-    if user_budget is not None and user_budget < max_model_len:
-        why = (f"prompts up to {budget} tokens are computed, each in one step (chunked prefill "
-               f"off); longer prompts are refused; max_model_len={max_model_len} still bounds "
-               "prompt plus output")
-    else:
-        why = (f"a request's whole prompt, up to max_model_len={max_model_len} tokens, is "
-               "computed in one step (chunked prefill off); vLLM profiles activations (and the "
-               "prune step) for that many tokens: give --max-num-batched-tokens (the longest "
-               "prompt you serve) to keep them small")
     if user_budget is None:
-        logger.info("vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): %s",
-                    budget, sched.max_num_batched_tokens, why)
-    elif user_budget < max_model_len:
-        logger.info("vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=%d: %s", budget, why)
+        budget = max_model_len
+        logger.info(
+            "vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): a request's whole "
+            "prompt, up to max_model_len=%d tokens, is computed in one step (chunked prefill off); "
+            "vLLM profiles activations (and the prune step) for that many tokens: give "
+            "--max-num-batched-tokens (the longest prompt you serve) to keep them small",
+            budget, sched.max_num_batched_tokens, max_model_len)
+    else:
+        budget = user_budget
+        if budget < max_model_len:
+            logger.info(
+                "vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=%d: prompts up to %d "
+                "tokens are computed, each in one step (chunked prefill off); longer prompts are "
+                "refused; max_model_len=%d still bounds prompt plus output",
+                budget, budget, max_model_len)
     sched.max_num_batched_tokens = budget
     sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, budget)
     sched.encoder_cache_size = max(sched.encoder_cache_size, budget)
