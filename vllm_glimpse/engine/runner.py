@@ -32,14 +32,18 @@ from vllm.forward_context import get_forward_context
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
+from vllm_glimpse.engine.plan import (
+    OUTPUT_ATTR,
+    GlimpseStepPlan,
+    ImageSpan,
+    PruneRequest,
+    PruneResult,
+)
+from vllm_glimpse.engine.runner_v2 import prune_step_reservation
 from vllm_glimpse.models.common import keep_overrides_of
 from vllm_glimpse.settings import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
-
-#: Attribute of ``ModelRunnerOutput`` that carries ``{req_id: stats}`` to the scheduler.
-OUTPUT_ATTR = "glimpse_pruned"
 
 
 @dataclass
@@ -143,7 +147,8 @@ class GlimpseRunnerMixin:
     # ---- during the forward --------------------------------------------------------------------
 
     def _switch_attention(self, layer_names: list[str], removed: dict[int, int],
-                          slot_mapping: torch.Tensor, num_tokens: int) -> None:
+                          slot_mapping: torch.Tensor, num_tokens: int,
+                          survivors: torch.Tensor | None = None) -> None:
         """Point ``layer_names`` at attention metadata for the batch after pruning: request
         ``i`` lost ``removed[i]`` query tokens (and as many from its sequence)."""
         num_reqs = self.input_batch.num_reqs
@@ -183,19 +188,8 @@ class GlimpseRunnerMixin:
                 context.slot_mapping[name] = slot_mapping
 
     def profile_run(self, *args, **kwargs):
-        """vLLM sizes the KV cache from the peak memory of this dummy forward, which never
-        prunes: the prune step's own peak beyond what the dummy forward already reaches is held
-        in a reservation meanwhile (:meth:`GlimpseModelMixin.glimpse_profile_reserve_bytes`)."""
-        model = self._glimpse_model
-        nbytes = model.glimpse_profile_reserve_bytes(self.max_num_tokens) if model is not None else 0
-        reserve = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if nbytes else None
-        if nbytes:
-            logger.info("vllm-glimpse: memory profiling holds %.1f MiB for the prune step of a "
-                        "%d-token step", nbytes / 2**20, self.max_num_tokens)
-        try:
+        with prune_step_reservation(self.get_model(), self.max_num_tokens, self.device):
             return super().profile_run(*args, **kwargs)
-        finally:
-            del reserve
 
     def _model_forward(self, *args, **kwargs):
         try:

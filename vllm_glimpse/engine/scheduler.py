@@ -25,7 +25,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_glimpse.engine.runner import OUTPUT_ATTR
+from vllm_glimpse.engine.plan import OUTPUT_ATTR
 from vllm_glimpse.settings import LOGGER_NAME
 from vllm_glimpse.stats import STATS_KEY, pruning_stats, visionzip_request_stats
 
@@ -84,10 +84,14 @@ def pruning_stats_scheduler(*, vllm_config, **kwargs):
 
 
 def _replace_tokens(request, prompt: list[int]) -> None:
-    """Set a request's prompt, keeping its generated tokens (in place: vLLM holds views)."""
+    """Set a request's prompt, keeping its generated tokens. ``_all_token_ids`` is changed in
+    place (vLLM holds views of it); both are kept of the type vLLM made them (a list in vLLM
+    0.32/0.33, an int32 ``TokenBuffer`` in 0.34, which has no slice assignment)."""
     outputs = list(request._output_token_ids)
-    request.prompt_token_ids = prompt
-    request._all_token_ids[:] = prompt + outputs
+    request.prompt_token_ids = type(request.prompt_token_ids)(prompt)
+    tokens = request._all_token_ids
+    del tokens[:]
+    tokens.extend(prompt + outputs)
     request.num_prompt_tokens = len(prompt)
 
 

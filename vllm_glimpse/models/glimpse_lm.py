@@ -67,6 +67,13 @@ class GlimpseModelMixin:
         self.__dict__["_glimpse_conds"] = None
         self.__dict__["_glimpse_paged_kv"] = {}  # block size -> [PagedKV] of layers 0..K
 
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2 asks the model for its state class (``vllm_glimpse.engine.
+        model_states``: GlimpsePrune's when it is on)."""
+        from vllm_glimpse.engine.model_states import model_state_cls
+
+        return model_state_cls(self)
+
     @property
     def glimpse_enabled(self) -> bool:
         return self.glimpse_settings is not None
@@ -248,7 +255,7 @@ class GlimpseModelMixin:
         new_slots[decision.moved_survivor_index] = decision.new_slots.to(new_slots.dtype)
         removed = {req.batch_index: req.num_prompt_tokens - result.num_kept
                    for req, result in zip(plan.requests, decision.results)}
-        plan.switch_attention(layer_names, removed, new_slots, int(survivors.numel()))
+        plan.switch_attention(layer_names, removed, new_slots, int(survivors.numel()), survivors)
 
         hidden, residual = hidden[survivors], residual[survivors]
         positions = positions[..., survivors]

@@ -219,6 +219,13 @@ class QwenFamilyVisionZipPositionsMixin:
         # encoder out of CUDA graphs, which would bypass embed_multimodal.
         self.is_multimodal_pruning_enabled = True
 
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2 asks the model for its state class: under VisionZip, one that runs the
+        position recompute (``vllm_glimpse.engine.model_states``)."""
+        from vllm_glimpse.engine.model_states import model_state_cls
+
+        return model_state_cls(self)
+
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,
                                   num_computed_tokens):
         """Strip the position channels off this step's media embeddings and write those tokens'

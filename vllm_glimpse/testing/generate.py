@@ -47,6 +47,30 @@ def specs_from_json(data: Sequence[dict[str, Any]]) -> list[RequestSpec]:
     ]
 
 
+def model_runner_kind(worker) -> str:
+    """"v2" when a worker runs vLLM's Model Runner V2 (``vllm/v1/worker/gpu/``), else "v1" (run
+    in each worker by ``LLM.collective_rpc``)."""
+    modules = {klass.__module__ for klass in type(worker.model_runner).__mro__}
+    return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
+
+
+def check_model_runner(llm: Any) -> str:
+    """Fail unless every worker runs the model runner the test run asked for: Model Runner V2
+    with ``VLLM_GLIMPSE_CPU_MRV2=1`` (or on a GPU, where vLLM picks it), else V1 -- so that a
+    suite run on one runner cannot silently test the other."""
+    from vllm.platforms import current_platform
+
+    from vllm_glimpse.cpu_mrv2 import requested
+
+    want = "v2" if requested() or not current_platform.is_cpu() else "v1"
+    kinds = set(llm.collective_rpc(model_runner_kind))
+    if kinds != {want}:
+        switch = os.environ.get("VLLM_GLIMPSE_CPU_MRV2")
+        raise AssertionError(f"the engine runs model runner {sorted(kinds)}, the test run asked "
+                             f"for {want!r} (VLLM_GLIMPSE_CPU_MRV2={switch!r})")
+    return want
+
+
 def make_llm(model: str | os.PathLike, *, method: str | None = "none",
              knobs: dict[str, Any] | None = None, **engine_args: Any):
     """An LLM on ``model``; ``method=None`` means no plugin settings at all (vanilla)."""
@@ -58,7 +82,14 @@ def make_llm(model: str | os.PathLike, *, method: str | None = "none",
     kwargs.update(engine_args)
     if method is not None:
         kwargs.update(vllm_glimpse.engine_kwargs(method, **(knobs or {})))
-    return LLM(model=str(model), **kwargs)
+    llm = LLM(model=str(model), **kwargs)
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:  # else the caller chose the runner
+        try:
+            check_model_runner(llm)
+        except BaseException:
+            shutdown(llm)
+            raise
+    return llm
 
 
 def generate_tokens(llm: Any, specs: Sequence[RequestSpec], max_tokens: int = 16) -> list[list[int]]:
