@@ -8,7 +8,7 @@ prepare its inputs. With the switch on, this module
 
 * sets ``TRITON_INTERPRET=1``, so every ``@triton.jit`` kernel (vLLM's and ours) runs in Triton's
   interpreter on CPU tensors, and
-* registers a ``"cpu"`` backend entry whose driver reports itself active,
+* registers a ``"cpu"`` backend entry (its driver reports itself inactive to Triton),
 
 before vLLM is imported. vLLM then resolves ``HAS_TRITON = True`` and picks MRv2 exactly as it
 does on a GPU (``VllmConfig.use_v2_model_runner``). The interpreter is slow: this is how the
@@ -33,11 +33,14 @@ def requested() -> bool:
 
 
 class _InterpreterDriver:
-    """What vLLM asks of a Triton backend's driver: whether it is active."""
+    """The ``"cpu"`` entry's driver. vLLM only checks that the entry exists on a CPU build (it
+    never asks this driver whether it is active); Triton's own driver selection does ask, and must
+    keep finding no active driver, as without the switch: torch's inductor would otherwise take
+    this stand-in for a real device driver (``driver.active.get_current_target()``)."""
 
     @staticmethod
     def is_active() -> bool:
-        return True
+        return False
 
 
 def install() -> bool:

@@ -48,22 +48,27 @@ def specs_from_json(data: Sequence[dict[str, Any]]) -> list[RequestSpec]:
 
 
 def model_runner_kind(worker) -> str:
-    """"v2" when a worker runs vLLM's Model Runner V2 (``vllm/v1/worker/gpu/``), else "v1" (run
-    in each worker by ``LLM.collective_rpc``)."""
+    """"v2" when a worker runs vLLM's Model Runner V2 (``vllm/v1/worker/gpu/``), else "v1"."""
     modules = {klass.__module__ for klass in type(worker.model_runner).__mro__}
     return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
 
 
 def check_model_runner(llm: Any) -> str:
-    """Fail unless every worker runs the model runner the test run asked for: Model Runner V2
+    """Fail unless the engine runs the model runner the test run asked for: Model Runner V2
     with ``VLLM_GLIMPSE_CPU_MRV2=1`` (or on a GPU, where vLLM picks it), else V1 -- so that a
-    suite run on one runner cannot silently test the other."""
+    suite run on one runner cannot silently test the other. vLLM's own choice (which its
+    scheduler and workers read) is checked, and the runner the worker built where the worker is
+    in this process."""
     from vllm.platforms import current_platform
 
     from vllm_glimpse.cpu_mrv2 import requested
 
     want = "v2" if requested() or not current_platform.is_cpu() else "v1"
-    kinds = set(llm.collective_rpc(model_runner_kind))
+    kinds = {"v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"}
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process engine core
+    wrapper = getattr(getattr(core, "model_executor", None), "driver_worker", None)
+    if wrapper is not None:
+        kinds.add(model_runner_kind(wrapper.worker))
     if kinds != {want}:
         switch = os.environ.get("VLLM_GLIMPSE_CPU_MRV2")
         raise AssertionError(f"the engine runs model runner {sorted(kinds)}, the test run asked "
