@@ -1,15 +1,18 @@
-"""The attention metadata GlimpsePrune's runner rebuilds mid-forward for layers K+1.., checked
-with vLLM's FlashAttention metadata builder (the GPU backend's class constructs on the CPU).
+"""The attention metadata GlimpsePrune rebuilds mid-forward for layers K+1.., checked with vLLM's
+FlashAttention metadata builder (the GPU backend's class constructs on the CPU), on both runners.
 
-For a batch in which one request was pruned, ``GlimpseRunnerMixin._switch_attention`` derives
-the short batch from the runner's state; the metadata it installs must equal what the builder
-gives for the same batch described directly as already pruned."""
+For a batch in which requests were pruned, the V1 runner's ``GlimpseRunnerMixin._switch_attention``
+derives the short batch from the runner's state, and Model Runner V2's
+``GlimpseModelState._switch_attention`` from the step's ``InputBatch`` (through vLLM's own
+``prepare_attn``); the metadata each installs must equal what the builder gives for the same batch
+described directly as already pruned."""
 
 from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from vllm.config import set_current_vllm_config
@@ -18,8 +21,10 @@ from vllm.forward_context import override_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
 from vllm.v1.worker.utils import AttentionGroup
 
+from vllm_glimpse.engine.model_states import GlimpseModelState
 from vllm_glimpse.engine.runner import GlimpseRunnerMixin
 
 BLOCK = 16
@@ -34,7 +39,7 @@ def flash_group(tiny_models):
         group = AttentionGroup(backend=FlashAttentionBackend, layer_names=list(LAYERS),
                                kv_cache_spec=spec, kv_cache_group_id=0)
         group.create_metadata_builders(config, torch.device("cpu"))
-    return config, group
+    return config, group, spec
 
 
 def _runner_state(query_lens, computed, prompt_lens, block_table, group):
@@ -70,9 +75,29 @@ def _assert_same(got, want):
             assert a == b, name
 
 
-@pytest.mark.parametrize("removed", [{1: 35}, {1: 35, 2: 7}, {2: 1}])
+def _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping):
+    """The same step, written down directly as the pruned batch it became."""
+    num_tokens = sum(pruned_query)
+    seq_lens = torch.tensor([c + q for c, q in zip(computed, pruned_query)], dtype=torch.int32)
+    query_start = torch.tensor([0] + pruned_query, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    expected = CommonAttentionMetadata(
+        query_start_loc=query_start, query_start_loc_cpu=query_start,
+        seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
+        num_reqs=len(pruned_query), num_actual_tokens=num_tokens,
+        max_query_len=max(pruned_query), max_seq_len=int(seq_lens.max()),
+        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True,
+        is_prefilling=torch.tensor([c == 0 for c in computed]),
+    )
+    with set_current_vllm_config(config):
+        return group.get_metadata_builder().build(0, expected)
+
+
+REMOVED = [{1: 35}, {1: 35, 2: 7}, {2: 1}]
+
+
+@pytest.mark.parametrize("removed", REMOVED)
 def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, removed):
-    config, group = flash_group
+    config, group, _ = flash_group
     # A decode (40 tokens computed), and two whole prompts of 50 and 20 tokens in one step.
     query_lens, computed, prompt_lens = [1, 50, 20], [40, 0, 0], [30, 50, 20]
     block_table = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
@@ -85,23 +110,68 @@ def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_gro
     with set_current_vllm_config(config), override_forward_context(context):
         GlimpseRunnerMixin._switch_attention(runner, LAYERS, removed, slot_mapping, num_tokens)
 
-    # The same step, written down directly as the pruned batch it became.
-    seq_lens = torch.tensor([c + q for c, q in zip(computed, pruned_query)], dtype=torch.int32)
-    query_start = torch.tensor([0] + pruned_query, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    expected = CommonAttentionMetadata(
-        query_start_loc=query_start, query_start_loc_cpu=query_start,
-        seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
-        num_reqs=3, num_actual_tokens=num_tokens,
-        max_query_len=max(pruned_query), max_seq_len=int(seq_lens.max()),
-        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True,
-        is_prefilling=torch.tensor([False, True, True]),
-    )
-    with set_current_vllm_config(config):
-        want = group.get_metadata_builder().build(0, expected)
-
+    want = _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping)
     assert set(context.attn_metadata) == set(LAYERS)
     for name in LAYERS:
         assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]
         assert torch.equal(context.slot_mapping[name], slot_mapping)
     _assert_same(context.attn_metadata[LAYERS[0]], want)
     assert context.attn_metadata[LAYERS[0]].max_query_len == max(pruned_query)
+
+
+def _model_runner_v2_batch(query_lens, computed, prompt_lens) -> InputBatch:
+    """MRv2's ``InputBatch`` of one step (vLLM's dummy batch, its fields set to the step's)."""
+    n, num_tokens = len(query_lens), sum(query_lens)
+    batch = InputBatch.make_dummy(n, num_tokens, InputBuffers(8, 256, torch.device("cpu")))
+    starts = np.zeros(n + 1, dtype=np.int32)
+    starts[1:] = np.cumsum(query_lens)
+    seq_lens = np.array([c + q for c, q in zip(computed, query_lens)], dtype=np.int32)
+    computed_np = np.array(computed, dtype=np.int32)
+    prefill_np = np.array(prompt_lens, dtype=np.int32)
+    return dataclasses.replace(
+        batch, num_scheduled_tokens=np.array(query_lens, dtype=np.int32),
+        query_start_loc=torch.from_numpy(starts.copy()), query_start_loc_np=starts,
+        seq_lens=torch.from_numpy(seq_lens.copy()),
+        seq_lens_cpu_upper_bound=torch.from_numpy(seq_lens.copy()),
+        num_computed_tokens_np=computed_np, prefill_len_np=prefill_np,
+        num_computed_prefill_tokens_np=np.minimum(computed_np, prefill_np),
+        is_prefilling_np=computed_np < prefill_np, has_prefill=True,
+        positions=torch.cat([torch.arange(c, c + q) for c, q in zip(computed, query_lens)]))
+
+
+@pytest.mark.parametrize("removed", REMOVED)
+def test_model_runner_v2_rebuilds_the_same_flash_metadata(flash_group, removed):
+    config, group, spec = flash_group
+    query_lens, computed, prompt_lens = [1, 50, 20], [40, 0, 0], [30, 50, 20]
+    block_table = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
+    batch = _model_runner_v2_batch(query_lens, computed, prompt_lens)
+    # The state as MRv2 leaves it when the model reaches layer K+1 (prepare_attn's arguments kept).
+    state = object.__new__(GlimpseModelState)
+    state.model_config = config.model_config
+    state.supports_mm_inputs = False
+    state._batch = batch
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
+    step_slots = torch.arange(500, 500 + sum(query_lens), dtype=torch.int64)[None]
+    state._attn_args = ((block_table,), step_slots, [[group]], kv_cache_config)
+
+    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(query_lens)]
+    num_tokens = sum(pruned_query)
+    # Each pruned request keeps its last rows (the glimpse token's request ends its prompt).
+    keep = torch.ones(sum(query_lens), dtype=torch.bool)
+    for i, count in removed.items():
+        start = int(batch.query_start_loc_np[i])
+        keep[start:start + count] = False
+    survivors = torch.nonzero(keep).squeeze(-1)
+    slot_mapping = torch.arange(100, 100 + num_tokens, dtype=torch.int64)
+    context = SimpleNamespace(attn_metadata={}, slot_mapping={})
+    with set_current_vllm_config(config), override_forward_context(context):
+        state._switch_attention(LAYERS, removed, slot_mapping, num_tokens, survivors)
+
+    want = _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping)
+    assert set(context.attn_metadata) == set(LAYERS)
+    for name in LAYERS:
+        assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]
+        assert torch.equal(context.slot_mapping[name], slot_mapping)
+    _assert_same(context.attn_metadata[LAYERS[0]], want)
+    # The step's own batch is left as it was (slots and positions are read from it later).
+    assert batch.num_tokens == sum(query_lens) and batch.positions.shape[0] == sum(query_lens)

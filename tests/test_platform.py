@@ -129,6 +129,33 @@ def test_missing_modules_turn_the_plugin_off_not_vllm(tiny_models, tmp_path):
     assert lines and "vllm_glimpse.engine" in lines[0], proc.stderr[-3000:]
 
 
+def test_a_vllm_module_missing_turns_the_plugin_off(tiny_models, tmp_path):
+    # A vLLM that moved a module the plugin extends (as 0.34 removed the V1 runner's): one line.
+    proc = _run_python("""
+        import vllm_glimpse.plugin as plugin
+        plugin.VLLM_MODULES_NEEDED += ("vllm.v1.worker.gpu.model_states.moved_away",)
+        plugin.check_vllm_modules.__defaults__ = (plugin.VLLM_MODULES_NEEDED,)
+    """, _VANILLA_CONFIG_AFTER.format(model=tiny_models["qwen2_5_vl"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ARCH Qwen2_5_VLForConditionalGeneration" in proc.stdout
+    assert "REGISTERED False" in proc.stdout and "HOOKED False" in proc.stdout
+    lines = _plugin_off_lines(proc.stderr)
+    assert len(lines) >= 1 and ("this vLLM lacks modules the plugin needs: "
+                                "vllm.v1.worker.gpu.model_states.moved_away") in lines[0], proc.stderr
+
+
+def test_the_vllm_modules_the_plugin_needs_exist_in_every_admitted_release():
+    from tests.vllm_sources import vllm_tree
+    from vllm_glimpse.plugin import VLLM_MODULES_NEEDED, check_vllm_modules
+
+    for version in ("0.33.0", "0.34.0"):
+        check_vllm_modules(str(vllm_tree(version)))
+    import vllm
+
+    check_vllm_modules(vllm.__path__[0])
+    assert "vllm.v1.worker.gpu.model_runner" in VLLM_MODULES_NEEDED
+
+
 def test_untested_vllm_version_turns_the_plugin_off(tiny_models, tmp_path):
     proc = _run_python("""
         import vllm

@@ -6,9 +6,9 @@ everywhere. Registration is by "module:Class" string, and each patch waits for v
 the module it touches: nothing heavy is imported here.
 
 The plugin must never break vLLM for models that do not use it. :func:`register` therefore
-checks first (the vLLM version is one we test, every module a lazy hook or a registered class
-will import is installed) and changes nothing unless every check passes; if one fails it logs
-one line and leaves vLLM as it was.
+checks first (the vLLM version is one we admit, the vLLM modules it extends exist, every module
+of ours a lazy hook or a registered class will import is installed) and changes nothing unless
+every check passes; if one fails it logs one line and leaves vLLM as it was.
 """
 
 from __future__ import annotations
@@ -69,11 +69,41 @@ def check_installed(names: list[str]) -> None:
                                 "(reinstall vllm-glimpse)")
 
 
+#: vLLM modules every engine of ours reaches on the runner vLLM 0.32-0.34 picks by default (Model
+#: Runner V2), and those our patches and subclasses touch whatever the runner: if one is missing
+#: (a vLLM build that moved it), the plugin stays off rather than failing inside vLLM later.
+VLLM_MODULES_NEEDED = (
+    "vllm.engine.arg_utils",
+    "vllm.model_executor.models.config",
+    "vllm.v1.engine.input_processor",
+    "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.llm_engine",
+    "vllm.v1.core.sched.scheduler",
+    "vllm.v1.worker.gpu_worker",
+    "vllm.v1.worker.gpu.model_runner",
+    "vllm.v1.worker.gpu.model_states.default",
+    "vllm.v1.worker.gpu.model_states.mm_pruning",
+)
+
+
+def check_vllm_modules(vllm_dir: str, names=VLLM_MODULES_NEEDED) -> None:
+    """Each module's source file is in the installed vLLM (looked up on disk: importing them here
+    would load vLLM's engine and worker code into every process, the API server included)."""
+    import os
+
+    missing = [n for n in names
+               if not any(os.path.exists(os.path.join(vllm_dir, *n.split(".")[1:]) + suffix)
+                          for suffix in (".py", os.sep + "__init__.py"))]
+    if missing:
+        raise PluginUnavailable(f"this vLLM lacks modules the plugin needs: {', '.join(missing)}")
+
+
 def register() -> None:
     try:
         import vllm
 
         check_vllm_version(vllm.__version__)
+        check_vllm_modules(vllm.__path__[0])
         check_installed(modules_needed_later())
         from vllm import ModelRegistry
 

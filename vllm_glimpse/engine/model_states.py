@@ -197,8 +197,8 @@ class GlimpseModelState(DefaultModelState):
         seq_lens[:n] -= cut_cpu.to(device=device, dtype=seq_lens.dtype)
         upper = batch.seq_lens_cpu_upper_bound.clone()
         upper[:n] -= cut_cpu.to(upper.dtype)
-        new_slots = slot_mappings.clone()
-        new_slots[0, :num_tokens] = slot_mapping
+        new_slots = slot_mappings[:, :num_tokens].clone()  # one KV cache group (planned so)
+        new_slots[0] = slot_mapping
         survivors_batch = dataclasses.replace(
             batch, num_tokens=num_tokens, num_tokens_after_padding=num_tokens,
             num_scheduled_tokens=query_lens.astype(batch.num_scheduled_tokens.dtype),
