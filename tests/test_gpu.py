@@ -258,6 +258,32 @@ def test_visionzip_qwen_greedy_tokens_equal_hf_reference(tiny_models, hf_qwen, d
     assert checked == [tiny_models["qwen2_5_vl"]]
 
 
+def test_visionzip_qwen_with_cuda_graphs_equals_eager(tiny_models):
+    """MRv2 as vLLM runs it on CUDA by default (compiled, CUDA graphs): VisionZip's state (vLLM's
+    M-RoPE pruner, before the forward) does not constrain the graphs, and greedy tokens equal the
+    eager engine's."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_glimpse.testing.generate import generate_tokens, make_llm, shutdown
+    from vllm_glimpse.testing.workloads import mixed_batch
+
+    knobs = {"dominant_ratio": 0.45, "contextual_ratio": 0.05}
+    tokens = {}
+    for eager in (True, False):
+        llm = make_llm(tiny_models["qwen2_5_vl"], method="visionzip", knobs=knobs,
+                       enforce_eager=eager)
+        try:
+            _assert_model_runner_v2(llm)
+            [state] = llm.collective_rpc(_model_state_class)
+            assert state.__name__ == "VisionZipMRopeModelState"
+            mode = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+            assert (mode == CUDAGraphMode.NONE) == eager, mode
+            tokens[eager] = generate_tokens(llm, mixed_batch(), MAX_TOKENS)
+        finally:
+            shutdown(llm)
+    assert tokens[False] == tokens[True]
+
+
 # ---- GlimpsePrune -------------------------------------------------------------------------------
 
 

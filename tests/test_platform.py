@@ -98,6 +98,16 @@ def test_model_runner_v1_on_request_stays_vllms_choice(tiny_models, glimpse_chec
     assert config.use_v2_model_runner is False
 
 
+@pytest.mark.parametrize("method, want", [(None, True), ("none", True), ("visionzip", False),
+                                          ("glimpse", False)])
+def test_encoder_cuda_graphs_are_off_where_the_encoder_output_is_pruned(
+        tiny_models, glimpse_checkpoints, as_on_cuda, method, want):
+    kwargs = {} if method is None else _method_kwargs(method, "qwen2_5_vl", glimpse_checkpoints)
+    config = _engine_config(tiny_models["qwen2_5_vl"],
+                            compilation_config={"cudagraph_mm_encoder": True}, **kwargs)
+    assert config.compilation_config.cudagraph_mm_encoder is want
+
+
 # ---- a plugin that cannot run leaves vLLM alone ------------------------------------------------
 
 _VANILLA_CONFIG_AFTER = """

@@ -24,10 +24,24 @@ MAX_TOKENS = 10
 
 
 def _server_env():
-    """The server runs as users start it: its own engine-core and worker processes."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    """The server runs as users start it: its own engine-core and worker processes (logging at
+    INFO, so that its log says which model runner it chose)."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     return env
+
+
+def _assert_model_runner_of_server(log) -> None:
+    """The server's workers run the model runner the test run asked for (the switch reaches the
+    processes ``vllm serve`` spawns through the environment's start-up hook)."""
+    from vllm_glimpse.cpu_mrv2 import requested
+
+    text = log.read_text()
+    if requested():
+        assert "Using V2 Model Runner" in text, text[-3000:]
+    else:
+        assert "using the V1 model runner instead" in text and "Using V2 Model Runner" not in text, \
+            text[-3000:]
 
 
 def _vllm(*args, timeout=300):
@@ -92,6 +106,7 @@ def running_server(model, args, log):
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_server_env())
     try:
         _wait_ready(proc, port, log)
+        _assert_model_runner_of_server(log)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

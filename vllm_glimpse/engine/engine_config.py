@@ -175,6 +175,19 @@ def check_parallel_layout(vllm_config) -> None:
             "starts one per data-parallel rank unless told): add --api-server-count 1")
 
 
+def keep_encoder_out_of_cuda_graphs(vllm_config) -> None:
+    """VisionZip and GlimpsePrune change what the vision encoder's step returns (pruned
+    embeddings with their positions, or vision conditions alongside): vLLM's encoder CUDA graphs
+    (``compilation_config.cudagraph_mm_encoder``) would replay the unpruned encoder instead of
+    our ``embed_multimodal``. Off by default in vLLM; turned off here with one line if asked for."""
+    method = pruning_config_of(vllm_config.model_config.hf_config).method
+    compilation = vllm_config.compilation_config
+    if method != "none" and getattr(compilation, "cudagraph_mm_encoder", False):
+        logger.warning("vllm-glimpse: %s sets compilation_config.cudagraph_mm_encoder=False: the "
+                       "encoder's CUDA graphs would bypass the pruning of its output", method)
+        compilation.cudagraph_mm_encoder = False
+
+
 class PruningEngineConfig:
     """vLLM's ``VerifyAndUpdateConfig`` shape (a class with static hooks), registered for our
     model variants by ``vllm_glimpse.patches.apply_glimpse_engine_settings_per_architecture``."""
@@ -184,6 +197,7 @@ class PruningEngineConfig:
         if vllm_config.model_config is None:
             return
         check_parallel_layout(vllm_config)
+        keep_encoder_out_of_cuda_graphs(vllm_config)
         apply_glimpse_engine_settings(vllm_config)
         apply_visionzip_engine_settings(vllm_config)
 
