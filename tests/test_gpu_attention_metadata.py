@@ -93,30 +93,9 @@ def _builder_on_pruned_batch(config, group, computed, pruned_query, block_table,
 
 
 REMOVED = [{1: 35}, {1: 35, 2: 7}, {2: 1}]
-
-
-@pytest.mark.parametrize("removed", REMOVED)
-def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, removed):
-    config, group, _ = flash_group
-    # A decode (40 tokens computed), and two whole prompts of 50 and 20 tokens in one step.
-    query_lens, computed, prompt_lens = [1, 50, 20], [40, 0, 0], [30, 50, 20]
-    block_table = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
-    runner = _runner_state(query_lens, computed, prompt_lens, block_table, group)
-
-    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(query_lens)]
-    num_tokens = sum(pruned_query)
-    slot_mapping = torch.arange(100, 100 + num_tokens, dtype=torch.int64)
-    context = SimpleNamespace(attn_metadata={}, slot_mapping={})
-    with set_current_vllm_config(config), override_forward_context(context):
-        GlimpseRunnerMixin._switch_attention(runner, LAYERS, removed, slot_mapping, num_tokens)
-
-    want = _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping)
-    assert set(context.attn_metadata) == set(LAYERS)
-    for name in LAYERS:
-        assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]
-        assert torch.equal(context.slot_mapping[name], slot_mapping)
-    _assert_same(context.attn_metadata[LAYERS[0]], want)
-    assert context.attn_metadata[LAYERS[0]].max_query_len == max(pruned_query)
+# A decode (40 tokens computed), and two whole prompts of 50 and 20 tokens in one step.
+QUERY_LENS, COMPUTED, PROMPT_LENS = [1, 50, 20], [40, 0, 0], [30, 50, 20]
+BLOCK_TABLE = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
 
 
 def _model_runner_v2_batch(query_lens, computed, prompt_lens) -> InputBatch:
@@ -139,39 +118,48 @@ def _model_runner_v2_batch(query_lens, computed, prompt_lens) -> InputBatch:
         positions=torch.cat([torch.arange(c, c + q) for c, q in zip(computed, query_lens)]))
 
 
-@pytest.mark.parametrize("removed", REMOVED)
-def test_model_runner_v2_rebuilds_the_same_flash_metadata(flash_group, removed):
-    config, group, spec = flash_group
-    query_lens, computed, prompt_lens = [1, 50, 20], [40, 0, 0], [30, 50, 20]
-    block_table = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
-    batch = _model_runner_v2_batch(query_lens, computed, prompt_lens)
+def _switch_on_v1(config, group, spec, removed, slot_mapping, num_tokens) -> None:
+    runner = _runner_state(QUERY_LENS, COMPUTED, PROMPT_LENS, BLOCK_TABLE, group)
+    GlimpseRunnerMixin._switch_attention(runner, LAYERS, removed, slot_mapping, num_tokens)
+
+
+def _switch_on_v2(config, group, spec, removed, slot_mapping, num_tokens) -> None:
+    batch = _model_runner_v2_batch(QUERY_LENS, COMPUTED, PROMPT_LENS)
     # The state as MRv2 leaves it when the model reaches layer K+1 (prepare_attn's arguments kept).
     state = object.__new__(GlimpseModelState)
     state.model_config = config.model_config
     state.supports_mm_inputs = False
     state._batch = batch
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
-    step_slots = torch.arange(500, 500 + sum(query_lens), dtype=torch.int64)[None]
-    state._attn_args = ((block_table,), step_slots, [[group]], kv_cache_config)
-
-    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(query_lens)]
-    num_tokens = sum(pruned_query)
-    # Each pruned request keeps its last rows (the glimpse token's request ends its prompt).
-    keep = torch.ones(sum(query_lens), dtype=torch.bool)
+    step_slots = torch.arange(500, 500 + sum(QUERY_LENS), dtype=torch.int64)[None]
+    state._attn_args = ((BLOCK_TABLE,), step_slots, [[group]], kv_cache_config)
+    # Each pruned request keeps its last rows (its prompt ends with the glimpse token's row).
+    keep = torch.ones(sum(QUERY_LENS), dtype=torch.bool)
     for i, count in removed.items():
         start = int(batch.query_start_loc_np[i])
         keep[start:start + count] = False
-    survivors = torch.nonzero(keep).squeeze(-1)
+    state._switch_attention(LAYERS, removed, slot_mapping, num_tokens,
+                            torch.nonzero(keep).squeeze(-1))
+    # The step's own batch is left as it was (slots and positions are read from it later).
+    assert batch.num_tokens == sum(QUERY_LENS) and batch.positions.shape[0] == sum(QUERY_LENS)
+
+
+@pytest.mark.parametrize("switch", [_switch_on_v1, _switch_on_v2], ids=["v1", "model_runner_v2"])
+@pytest.mark.parametrize("removed", REMOVED)
+def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, removed,
+                                                                       switch):
+    config, group, spec = flash_group
+    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(QUERY_LENS)]
+    num_tokens = sum(pruned_query)
     slot_mapping = torch.arange(100, 100 + num_tokens, dtype=torch.int64)
     context = SimpleNamespace(attn_metadata={}, slot_mapping={})
     with set_current_vllm_config(config), override_forward_context(context):
-        state._switch_attention(LAYERS, removed, slot_mapping, num_tokens, survivors)
+        switch(config, group, spec, removed, slot_mapping, num_tokens)
 
-    want = _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping)
+    want = _builder_on_pruned_batch(config, group, COMPUTED, pruned_query, BLOCK_TABLE, slot_mapping)
     assert set(context.attn_metadata) == set(LAYERS)
     for name in LAYERS:
         assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]
         assert torch.equal(context.slot_mapping[name], slot_mapping)
     _assert_same(context.attn_metadata[LAYERS[0]], want)
-    # The step's own batch is left as it was (slots and positions are read from it later).
-    assert batch.num_tokens == sum(query_lens) and batch.positions.shape[0] == sum(query_lens)
+    assert context.attn_metadata[LAYERS[0]].max_query_len == max(pruned_query)
