@@ -64,7 +64,8 @@ def check_model_runner(llm: Any) -> str:
     from vllm_glimpse.cpu_mrv2 import requested
 
     want = "v2" if requested() or not current_platform.is_cpu() else "v1"
-    kinds = {"v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"}
+    # (vLLM 0.34 has only Model Runner V2, and no use_v2_model_runner)
+    kinds = {"v2" if getattr(llm.llm_engine.vllm_config, "use_v2_model_runner", True) else "v1"}
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process engine core
     wrapper = getattr(getattr(core, "model_executor", None), "driver_worker", None)
     if wrapper is not None:
