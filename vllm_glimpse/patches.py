@@ -33,7 +33,8 @@ _mrope_patch_installed = False
 
 
 def enable_mrope_recompute_for_pruned_images() -> None:
-    """Let a model that prunes image tokens have the V1 runner re-place their M-RoPE positions.
+    """Let a model that prunes image tokens have the V1 runner re-place their M-RoPE positions
+    (Model Runner V2 gets the same from the model's state: ``vllm_glimpse.engine.model_states``).
 
     The runner calls ``model.recompute_mrope_positions`` for every request whose media
     embeddings it gathers only when its ``is_multimodal_pruning_enabled`` flag is set, and sets

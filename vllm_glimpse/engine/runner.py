@@ -150,7 +150,8 @@ class GlimpseRunnerMixin:
                           slot_mapping: torch.Tensor, num_tokens: int,
                           survivors: torch.Tensor | None = None) -> None:
         """Point ``layer_names`` at attention metadata for the batch after pruning: request
-        ``i`` lost ``removed[i]`` query tokens (and as many from its sequence)."""
+        ``i`` lost ``removed[i]`` query tokens (and as many from its sequence). (``survivors``,
+        the rows that go on, is for MRv2's metadata, which carries positions; V1's does not.)"""
         num_reqs = self.input_batch.num_reqs
         query_start = self.query_start_loc.cpu[: num_reqs + 1].clone()
         query_lens = query_start.diff()
