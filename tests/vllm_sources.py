@@ -8,7 +8,9 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-glimpse" / "vllm-sdists"
@@ -51,11 +53,16 @@ def vllm_tree(version: str) -> Path:
     if not archive.exists():
         archive = _download_sdist(version, CACHE)
     prefix = f"vllm-{version}/vllm/"
+    # Unpacked beside its final place and renamed once complete: an interrupted run leaves no
+    # partial tree that a later run would take for the release.
+    staging = Path(tempfile.mkdtemp(prefix=f"vllm-{version}-", dir=CACHE))
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
         for m in members:
             m.name = m.name[len(f"vllm-{version}/"):]
-        tar.extractall(root, members=members, filter="data")
+        tar.extractall(staging, members=members, filter="data")
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
     return root / "vllm"
 
 
