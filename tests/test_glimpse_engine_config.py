@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 import pytest
 from transformers import AutoConfig
@@ -29,14 +30,42 @@ def _config(model, **kwargs):
 def test_glimpse_turns_on_what_it_needs(tiny_models, qwen_checkpoint):
     config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096,
                      **vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint))
-    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.enable_prefix_caching is True  # vLLM's default
     assert config.scheduler_config.enable_chunked_prefill is False
     # no step budget given: any prompt the model takes fits in one step
     assert config.scheduler_config.max_num_batched_tokens == 4096
     assert config.scheduler_config.async_scheduling is False
-    assert config.model_config.enforce_eager is True
+    # compiled as vLLM compiles by default: only the prune step runs outside the compiled model
+    vanilla = _config(tiny_models["qwen2_5_vl"], max_model_len=4096)
+    assert config.model_config.enforce_eager is False
+    assert config.compilation_config.mode == vanilla.compilation_config.mode
+    assert config.compilation_config.cudagraph_mode == vanilla.compilation_config.cudagraph_mode
     assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert config.parallel_config.worker_cls == CPU_WORKER_CLS
+
+
+@pytest.mark.parametrize("setting, env, message", [
+    ({"compilation_config": {"cudagraph_mode": "FULL"}}, {},
+     "GlimpsePrune does not support cudagraph_mode=FULL: a full CUDA graph of a prefill step "
+     "would replay the unpruned forward"),
+    ({}, {"VLLM_USE_BREAKABLE_CUDAGRAPH": "1"},
+     "GlimpsePrune does not support breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1)"),
+])
+def test_cuda_graph_modes_that_would_skip_the_prune_are_refused(tiny_models, qwen_checkpoint,
+                                                                monkeypatch, setting, env, message):
+    """Refused at start-up in one line: CUDA-graph settings under which a prefill step would
+    replay a captured forward (which never prunes). vLLM's own modes that keep prefills out of
+    full graphs start."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    kwargs = vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint)
+    with pytest.raises(Exception, match=re.escape(message)):
+        _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **kwargs, **setting)
+    for name in env:
+        monkeypatch.delenv(name)
+    for mode in ("FULL_AND_PIECEWISE", "PIECEWISE", "FULL_DECODE_ONLY"):
+        _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **kwargs,
+                compilation_config={"cudagraph_mode": mode})
 
 
 @pytest.mark.parametrize("given", [None, 1024, 6000])
@@ -129,3 +158,22 @@ def test_cli_step_budget_with_chunked_prefill_off(tiny_models, qwen_checkpoint):
     config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
     assert config.scheduler_config.max_num_batched_tokens == 1024
     assert config.scheduler_config.enable_chunked_prefill is False
+
+
+def test_llava_with_a_quantized_kv_cache_turns_prefix_caching_off(tiny_models, glimpse_checkpoints,
+                                                                  caplog):
+    """LLaVA's glimpse scores read every key of the request back from the paged cache, which a
+    quantized cache does not allow: prefix caching (whose hits the prune step would have to read)
+    goes off with one line; Qwen2.5-VL (scores over the image keys, computed in the step) keeps it."""
+    from vllm_glimpse.settings import LOGGER_NAME
+
+    kwargs = vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints["llava"])
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        config = _config(tiny_models["llava"], kv_cache_dtype="fp8", **kwargs)
+    assert config.cache_config.enable_prefix_caching is False
+    assert any("GlimpsePrune on LLaVA with kv_cache_dtype=fp8 turns prefix caching off"
+               in r.getMessage() for r in caplog.records)
+    assert _config(tiny_models["llava"], **kwargs).cache_config.enable_prefix_caching is True
+    qwen = vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints["qwen2_5_vl"])
+    config = _config(tiny_models["qwen2_5_vl"], kv_cache_dtype="fp8", **qwen)
+    assert config.cache_config.enable_prefix_caching is True

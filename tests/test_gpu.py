@@ -284,6 +284,35 @@ def test_visionzip_qwen_with_cuda_graphs_equals_eager(tiny_models):
     assert tokens[False] == tokens[True]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_glimpse_with_cuda_graphs_equals_eager(tiny_models, glimpse_checkpoints, family):
+    """GlimpsePrune as vLLM runs on CUDA by default (compiled, FULL_AND_PIECEWISE CUDA graphs):
+    the prune steps are dispatched eagerly, decode steps replay graphs, and greedy tokens and
+    kept counts equal the eager engine's."""
+    from vllm_glimpse.stats import STATS_KEY
+    from vllm_glimpse.testing.generate import make_llm, shutdown
+    from vllm_glimpse.testing.workloads import build_request, mixed_batch
+
+    knobs = {"checkpoint": glimpse_checkpoints[family], "fixed_ratio": 0.25}
+    runs = {}
+    for eager in (True, False):
+        llm = make_llm(tiny_models[family], method="glimpse", knobs=knobs, enforce_eager=eager)
+        try:
+            _assert_model_runner_v2(llm)
+            from vllm import SamplingParams
+
+            tokenizer = llm.get_tokenizer()
+            prompts = [build_request(tokenizer, s) for s in mixed_batch()]
+            params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            runs[eager] = [(list(o.outputs[0].token_ids),
+                            ((o.kv_transfer_params or {}).get(STATS_KEY) or {}).get(
+                                "image_tokens_after")) for o in outs]
+        finally:
+            shutdown(llm)
+    assert runs[False] == runs[True]
+
+
 # ---- GlimpsePrune -------------------------------------------------------------------------------
 
 

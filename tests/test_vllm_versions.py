@@ -96,3 +96,67 @@ def test_the_source_resolver_tells_missing_symbols_from_present_ones(release):
     assert tree.resolves("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.encoder_cache")
     assert not tree.resolves("vllm.v1.worker.gpu.states", "RequestState.no_such_attribute")
     assert not tree.resolves("vllm.v1.worker.no_such_module", "X")
+
+
+#: What ``is_profile`` does inside MRv2's ``GPUModelRunner.execute_model``, line by line, in
+#: every supported release. Our runner passes ``is_profile=True`` for a real step that prunes
+#: (``vllm_glimpse/engine/runner_v2.py``), relying on the first line being its only effect there:
+#: the other two are in the dummy-batch branch and under ``dummy_run``.
+IS_PROFILE_USES = {
+    "need_eager=is_profile or skip_compiled,",
+    "is_padding=not is_profile,",
+    "if dummy_run and is_profile and not valid_dummy_state_slots:",
+}
+
+
+@pytest.mark.parametrize("version", ("0.32", *VERSIONS))
+def test_is_profile_only_forces_eager_dispatch_in_a_real_mrv2_step(version):
+    if version == "0.32":
+        import vllm
+
+        tree = SourceTree(Path(vllm.__file__).parent)
+    else:
+        tree = SourceTree(vllm_tree(version))
+    module = "vllm.v1.worker.gpu.model_runner"
+    source = tree.module_file(module).read_text(encoding="utf-8")
+    cls = next(n for n in ast.parse(source).body
+               if isinstance(n, ast.ClassDef) and n.name == "GPUModelRunner")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "execute_model")
+    body = ast.get_source_segment(source, fn).splitlines()
+    signature_end = fn.body[0].lineno - fn.lineno
+    uses = {line.strip() for line in body[signature_end:] if "is_profile" in line}
+    assert uses == IS_PROFILE_USES, f"vLLM {version}: is_profile in execute_model: {sorted(uses)}"
+    # the dummy-batch branch: is_padding= sits under the "no actual tokens" else
+    branch = "\n".join(body)
+    assert branch.index("InputBatch.make_dummy(") < branch.index("is_padding=not is_profile")
+
+
+@pytest.mark.parametrize("version", ("0.32", *VERSIONS))
+def test_every_block_caching_call_goes_through_the_coordinator(version):
+    """The scheduler caps what is offered to the prefix cache by wrapping
+    ``KVCacheCoordinator.cache_blocks`` (``vllm_glimpse/engine/scheduler.py``): no other caller in
+    vLLM's engine core may cache a request's blocks."""
+    if version == "0.32":
+        import vllm
+
+        root = Path(vllm.__file__).parent
+    else:
+        root = vllm_tree(version)
+    core = root / "v1" / "core"
+    calls = {}
+    for file in sorted(core.rglob("*.py")):
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#")[0]
+            for pattern in (".cache_full_blocks(", "manager.cache_blocks(", ".cache_blocks("):
+                if pattern in code and "def " not in code:
+                    calls.setdefault(file.relative_to(core).as_posix(), set()).add(pattern)
+                    break
+    assert calls.get("single_type_kv_cache_manager.py") == {".cache_full_blocks(", ".cache_blocks("}
+    assert calls.get("kv_cache_coordinator.py") == {"manager.cache_blocks("}
+    # the manager's callers reach the block pool only through the coordinator
+    manager = (core / "kv_cache_manager.py").read_text(encoding="utf-8")
+    assert [ln.strip() for ln in manager.splitlines() if ".cache_blocks(" in ln and "def " not in ln] \
+        and all("self.coordinator.cache_blocks(" in ln for ln in manager.splitlines()
+                if ".cache_blocks(" in ln and "def " not in ln)
+    assert set(calls) <= {"single_type_kv_cache_manager.py", "kv_cache_coordinator.py",
+                          "kv_cache_manager.py", "sched/scheduler.py", "sched/async_scheduler.py"}

@@ -107,7 +107,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
 # Engine flags GlimpsePrune cannot run with (vllm_glimpse/engine/engine_config.py says why);
 # vLLM leaves each at None unless the user gave it.
 GLIMPSE_CONFLICTS = (
-    ("enable_prefix_caching", "--enable-prefix-caching"),
     ("enable_chunked_prefill", "--enable-chunked-prefill"),
     ("async_scheduling", "--async-scheduling"),
 )
@@ -118,8 +117,8 @@ def _refuse_glimpse_conflicts(args: argparse.Namespace) -> None:
     if given:
         raise StartupError(
             f"--plugin glimpse cannot run with {', '.join(given)}: pruning inside the forward "
-            "needs prefix caching, chunked prefill and async scheduling off (the plugin turns "
-            "them off by default)"
+            "needs chunked prefill and async scheduling off (the plugin turns them off by "
+            "default)"
         )
     if getattr(args, "enable_chunked_prefill", None) is False:
         # The plugin turns it off itself, after vLLM's check that would refuse a

@@ -137,9 +137,9 @@ _engine_settings_patch_installed = False
 
 
 def apply_glimpse_engine_settings_per_architecture() -> None:
-    """Have ``VllmConfig`` apply GlimpsePrune's engine settings (prefix caching and chunked
-    prefill off, eager, our scheduler and worker: ``vllm_glimpse/engine/engine_config.py``)
-    for our model variants.
+    """Have ``VllmConfig`` apply GlimpsePrune's engine settings (chunked prefill off,
+    CUDA-graph modes checked, our scheduler and worker:
+    ``vllm_glimpse/engine/engine_config.py``) for our model variants.
 
     vLLM has no plugin hook for engine defaults. ``VllmConfig.__post_init__`` calls the
     per-architecture hook ``MODELS_CONFIG_MAP[arch].verify_and_update_config(vllm_config)``

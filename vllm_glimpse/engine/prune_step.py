@@ -42,7 +42,9 @@ class PruneBatch:
     request (each request's images in prompt order); B: requests; G: images."""
 
     # host (numpy) copies the decision's bookkeeping reads
-    row_starts: np.ndarray  # [B] first row of each request in the step
+    row_starts: np.ndarray  # [B] the row prompt token 0 of each request would have (its first
+    # scheduled row minus its tokens computed in earlier steps: prefix-cache hits)
+    num_computed: np.ndarray  # [B] prompt tokens computed before the step (all kept, in place)
     num_prompt: np.ndarray  # [B] P, glimpse token included
     image_counts: np.ndarray  # [B] image tokens per request
     images_per_request: list[int]
@@ -74,7 +76,8 @@ class PruneBatch:
         return int(self.image_counts.sum())
 
     def prompt_slots(self, b: int, device) -> torch.Tensor:
-        """Slots of request b's whole prompt (positions 0..P-1), written in this step."""
+        """Slots of request b's whole prompt (positions 0..P-1: written in this step, or before
+        it for tokens that came from the prefix cache)."""
         p = np.arange(int(self.num_prompt[b]))
         blocks = np.asarray(self.block_ids[b], dtype=np.int64)[p // self.block_size]
         return torch.from_numpy(blocks * self.block_size + p % self.block_size).to(device)
@@ -91,7 +94,8 @@ def build_prune_batch(plan: GlimpseStepPlan, rules: Sequence[KeepRule], device) 
     of several images is refused as :func:`vllm_glimpse.glimpse.keep_rule.keep_mask` refuses it."""
     reqs = plan.requests
     bs = plan.block_size
-    row_starts = np.array([r.row_start for r in reqs], dtype=np.int64)
+    row_starts = np.array([r.token_row0 for r in reqs], dtype=np.int64)
+    num_computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
     num_prompt = np.array([r.num_prompt_tokens for r in reqs], dtype=np.int64)
     positions, requests, image_ids, force = [], [], [], []
     image_counts, per_request = [], []
@@ -99,6 +103,10 @@ def build_prune_batch(plan: GlimpseStepPlan, rules: Sequence[KeepRule], device) 
     for b, (req, rule) in enumerate(zip(reqs, rules)):
         n = 0
         for span in req.images:
+            if span.offset < req.num_computed:
+                raise RuntimeError(
+                    f"vllm-glimpse: request {req.req_id} has image tokens computed before the step "
+                    "that prunes it; GlimpsePrune needs every image token in that step")
             positions.append(np.arange(span.offset, span.offset + span.length, dtype=np.int64))
             image_ids.append(np.full(span.length, g, dtype=np.int64))
             g += 1
@@ -130,7 +138,8 @@ def build_prune_batch(plan: GlimpseStepPlan, rules: Sequence[KeepRule], device) 
     image_slots = blocks * bs + positions % bs
     nan = float("nan")
     return PruneBatch(
-        row_starts=row_starts, num_prompt=num_prompt, image_counts=np.array(image_counts),
+        row_starts=row_starts, num_computed=num_computed, num_prompt=num_prompt,
+        image_counts=np.array(image_counts),
         images_per_request=per_request, block_ids=[list(r.block_ids) for r in reqs], block_size=bs,
         glimpse_rows=_to(device, row_starts + num_prompt - 1, torch.long),
         last_rows=_to(device, row_starts + num_prompt - 2, torch.long),
@@ -206,8 +215,11 @@ def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
     g = 0
     bs = batch.block_size
     for b in range(B):  # host bookkeeping on the copied counts (no device work)
-        start, P = int(batch.row_starts[b]), int(batch.num_prompt[b])
-        local = np.nonzero(keep_host[start:start + P - 1])[0]
+        start, P, c = int(batch.row_starts[b]), int(batch.num_prompt[b]), int(batch.num_computed[b])
+        # Tokens computed in earlier steps (prefix-cache hits, all before the first image) stay,
+        # at their slots; the step's rows are tokens c..P-1.
+        stepped = c + np.nonzero(keep_host[start + c:start + P - 1])[0]
+        local = np.concatenate([np.arange(c, dtype=np.int64), stepped])
         n_img = batch.images_per_request[b]
         kept_per_image = per_image_host[g:g + n_img]
         g += n_img
@@ -216,9 +228,9 @@ def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
             image_tokens_before=int(batch.image_counts[b]),
             image_tokens_after=int(sum(kept_per_image)), kept_per_image=kept_per_image))
         blocks = np.asarray(batch.block_ids[b], dtype=np.int64)
-        j = np.arange(local.size)
-        moved_rows.append(local + start)
-        old_slots.append(blocks[local // bs] * bs + local % bs)  # prefill from 0: position = row
+        j = np.arange(c, local.size)  # new indices of the step's survivors
+        moved_rows.append(stepped + start)
+        old_slots.append(blocks[stepped // bs] * bs + stepped % bs)  # token index = row - start
         new_slots.append(blocks[j // bs] * bs + j % bs)
     moved_rows = np.concatenate(moved_rows)
     survivors = np.nonzero(keep_host)[0]
@@ -264,6 +276,12 @@ def glimpse_layer_logits(batch: PruneBatch, queries: torch.Tensor, kv: PagedKV, 
             if recorded_keys is None:
                 keys = kv.read_keys(batch.prompt_slots(b, device))
             else:
+                if batch.num_computed[b]:
+                    raise RuntimeError(
+                        "vllm-glimpse: this KV cache cannot be read back and the request's first "
+                        f"{int(batch.num_computed[b])} prompt tokens came from the prefix cache: "
+                        "LLaVA's glimpse scores need their keys; start the engine with "
+                        "--no-enable-prefix-caching")
                 start = int(batch.row_starts[b])
                 keys = recorded_keys[start:start + int(batch.num_prompt[b])]
             index = batch.image_positions[image]

@@ -122,19 +122,14 @@ class GlimpseRunnerMixin:
             computed = int(self.input_batch.num_computed_tokens_cpu[i])
             if computed + int(num_scheduled_tokens[i]) != req_state.num_prompt_tokens:
                 continue  # its prefill does not end in this step
-            if computed != 0:
-                raise RuntimeError(
-                    f"vllm-glimpse: request {req_id} reached its glimpse token in a later step than "
-                    f"its first prompt tokens; GlimpsePrune needs the whole prompt in one step "
-                    f"(chunked prefill off, which the plugin sets)"
-                )
+            # (computed > 0: prefix-cache hits, all before its first image)
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, model.glimpse_image_grid(f))
                      for f in sorted(images, key=lambda f: f.mm_position.offset)]
             requests.append(PruneRequest(
                 req_id=req_id, batch_index=i, row_start=int(starts[i]),
                 num_prompt_tokens=req_state.num_prompt_tokens, images=spans,
                 block_ids=list(req_state.block_ids[0]),
-                keep_overrides=keep_overrides_of(images[0]),
+                keep_overrides=keep_overrides_of(images[0]), num_computed=computed,
             ))
         if not requests:
             return None
@@ -143,6 +138,14 @@ class GlimpseRunnerMixin:
         block_size = self.input_batch.block_table[0].block_size
         return GlimpseStepPlan(requests=requests, block_size=block_size,
                                switch_attention=self._switch_attention)
+
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        """A prune step runs eagerly: no CUDA graph, no padding to a capture size (it syncs with
+        the host and changes its token count mid-forward). vLLM's dispatcher takes ``force_eager``
+        for its profile run; the plan was made just before, in :meth:`_prepare_inputs`."""
+        if self._glimpse_state()["plan"] is not None:
+            kwargs["force_eager"] = True
+        return super()._determine_batch_execution_and_padding(*args, **kwargs)
 
     # ---- during the forward --------------------------------------------------------------------
 

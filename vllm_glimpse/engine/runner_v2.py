@@ -4,7 +4,9 @@ reaches (everything else is :class:`vllm_glimpse.engine.model_states.GlimpseMode
 * ``sample_tokens``: the step's pruning results ride to the scheduler on the
   ``ModelRunnerOutput`` it builds (attribute ``plan.OUTPUT_ATTR``), which no state hook sees;
 * ``profile_run``: vLLM sizes the KV cache from the peak memory of a dummy forward that never
-  prunes; the prune step's own peak is held in a reservation meanwhile.
+  prunes; the prune step's own peak is held in a reservation meanwhile;
+* ``execute_model``: a step that prunes runs eagerly (no CUDA graph, no padding to a capture
+  size): the batch's graph mode is dispatched before any state hook runs.
 
 Mixed into MRv2's GPU runner (:mod:`.gpu_runner_v2`) and CPU runner (:mod:`.cpu_runner_v2`);
 :func:`prune_step_reservation` serves the V1 runner too.
@@ -45,6 +47,16 @@ class GlimpseRunnerV2Mixin:
     def profile_run(self, *args, **kwargs):
         with prune_step_reservation(self.model, self.max_num_tokens, self.device):
             return super().profile_run(*args, **kwargs)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        state = self.model_state
+        if (not kwargs.get("dummy_run", False) and hasattr(state, "prunes_in")
+                and state.prunes_in(scheduler_output)):
+            # In a real step, ``is_profile`` only makes vLLM dispatch the batch eagerly
+            # (``need_eager`` of ``dispatch_cg_and_sync_dp``), as for its profile run: checked for
+            # vLLM 0.32-0.34 by tests/test_vllm_versions.py.
+            kwargs["is_profile"] = True
+        return super().execute_model(scheduler_output, *args, **kwargs)
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)

@@ -10,6 +10,13 @@ token included) became P' survivors. In the same ``update_from_output`` call the
 * attaches the request's pruning stats to its output of that step (``kv_transfer_params
   ["vllm_glimpse"]``, :mod:`vllm_glimpse.stats`) and logs them.
 
+Prefix caching: a request's blocks are offered to vLLM's prefix cache only up to its first image
+(whole blocks before it). From there on a pruned request's blocks hold compacted K/V, which
+depend on the question and on the pruned tokens, so they are never cached under any hash;
+blocks before the first image are never moved by the prune. So text-only requests cache and hit
+as in vanilla vLLM, and a request with images hits the blocks before its first image (a shared
+system prompt, an earlier turn of the conversation).
+
 Preemption: a pruned request cannot be recomputed from its survivors (their K/V depend on the
 pruned tokens in layers 0..K). When vLLM preempts one, its original prompt comes back (the
 tokens it already generated are kept); on resumption the first step computes only the prompt,
@@ -99,6 +106,25 @@ class GlimpseScheduler(PruningStatsMixin, Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.glimpse_originals: dict[str, tuple[list[int], list]] = {}
+        # Every caller that offers blocks to the prefix cache (allocate_slots, and the KV
+        # manager's own cache_blocks) goes through the coordinator's cache_blocks.
+        coordinator = self.kv_cache_manager.coordinator
+        cache_blocks = coordinator.cache_blocks
+
+        def cache_blocks_before_images(request, num_computed_tokens: int, *args, **kwargs):
+            limit = min(num_computed_tokens, self.cacheable_tokens(request))
+            return cache_blocks(request, limit, *args, **kwargs)
+
+        coordinator.cache_blocks = cache_blocks_before_images
+
+    def cacheable_tokens(self, request) -> int:
+        """How many of a request's first tokens may be offered to the prefix cache: those before
+        its first image (the blocks from there on are compacted when it prunes), all of them for
+        a request without images."""
+        original = self.glimpse_originals.get(request.request_id)
+        features = original[1] if original is not None else request.mm_features
+        offsets = [f.mm_position.offset for f in features or () if f.modality == "image"]
+        return min(offsets) if offsets else request.num_tokens
 
     # ---- scheduling: a request's prompt step ends at its glimpse token -----------------------
 
