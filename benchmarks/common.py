@@ -135,6 +135,17 @@ def image_prompts(tokenizer, family: str, count: int, seed0: int, size: tuple[in
     return prompts
 
 
+def text_prompts(tokenizer, count: int, seed0: int, *,
+                 questions: tuple[str, ...] = QUESTIONS) -> list[dict]:
+    """``count`` text-only prompts, each distinct from its first words on (so that no prefix
+    cache hands back a whole block of another request beyond the chat template's few tokens)."""
+    from vllm_glimpse.testing.workloads import chat_prompt
+
+    return [{"prompt": chat_prompt(tokenizer, f"Request {seed0 + i}, in one paragraph: "
+                                              f"{questions[i % len(questions)]}", 0)}
+            for i in range(count)]
+
+
 # --------------------------------------------------------------------------------------------
 # Engine measurements (in the worker's process)
 # --------------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ from common import (
     measure_residency,
     run_worker,
     scheduler_of,
+    text_prompts,
     timed_generate,
     worker_env,
     write_json,
@@ -132,6 +133,11 @@ MIN_IMAGE_TOKENS = 1500  # the workload this benchmark is for: >= 1,500 image to
 GOAL_SPEEDUP = 2.5
 GOAL_HELD = 0.10
 GOAL_RESIDENT = 5.0
+# against vLLM's defaults: image requests of >= 1,000 image tokens, and text-only requests,
+# which a GlimpsePrune engine must not slow down
+GOAL_IMAGE_VS_DEFAULTS = 1.3
+GOAL_TEXT_VS_DEFAULTS = 0.97
+WORKLOADS = ("image", "text", "mixed")
 
 
 def image_tokens_for(side: int) -> int:
@@ -150,8 +156,17 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def _prompts(tokenizer, count: int, seed0: int, side: int) -> list[dict[str, Any]]:
-    return image_prompts(tokenizer, "qwen2_5_vl", count, seed0, (side, side))
+def _prompts(tokenizer, count: int, seed0: int, side: int, workload: str = "image"
+             ) -> list[dict[str, Any]]:
+    """The workload's requests: each with one distinct image, text only, or mixed (even
+    requests with an image, odd ones text only)."""
+    if workload == "image":
+        return image_prompts(tokenizer, "qwen2_5_vl", count, seed0, (side, side))
+    text = text_prompts(tokenizer, count, seed0)
+    if workload == "text":
+        return text
+    images = image_prompts(tokenizer, "qwen2_5_vl", count, seed0, (side, side))
+    return [images[i] if i % 2 == 0 else text[i] for i in range(count)]
 
 
 def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):
@@ -199,20 +214,18 @@ def measure_throughput(llm, tokenizer, spec: dict[str, Any], image_token_id: int
                                             "prompt_tokens", "image_tokens", "kept_prompt_tokens",
                                             "kept_image_tokens", "output_tokens")}
     for r in range(spec["repeats"]):
-        outs, timing = timed_generate(llm, _prompts(tokenizer, n, 10_000 + r * n, side), params)
+        prompts = _prompts(tokenizer, n, 10_000 + r * n, side, spec["workload"])
+        outs, timing = timed_generate(llm, prompts, params)
         rec["times_s"].append(timing["seconds"])
         rec["process_cpu_s"].append(timing["process_cpu_s"])
         rec["loadavg_1min"].append(timing["loadavg_1min"])
         prompt_tok = [len(o.prompt_token_ids) for o in outs]
         image_tok = [sum(1 for t in o.prompt_token_ids if t == image_token_id) for o in outs]
         stats = [(o.kv_transfer_params or {}).get(STATS_KEY) for o in outs]
-        if any(s is not None for s in stats):
-            if any(s is None for s in stats):
-                raise SystemExit("some requests of the glimpse engine carry no pruning stats")
-            kept_prompt = [s["prompt_tokens_after"] for s in stats]
-            kept_image = [s["image_tokens_after"] for s in stats]
-        else:
-            kept_prompt, kept_image = prompt_tok, image_tok
+        if any(s is None and n_img for s, n_img in zip(stats, image_tok)) and any(stats):
+            raise SystemExit("some image requests of the glimpse engine carry no pruning stats")
+        kept_prompt = [s["prompt_tokens_after"] if s else p for s, p in zip(stats, prompt_tok)]
+        kept_image = [s["image_tokens_after"] if s else i for s, i in zip(stats, image_tok)]
         rec["prompt_tokens"].append(statistics.mean(prompt_tok))
         rec["image_tokens"].append(statistics.mean(image_tok))
         rec["kept_prompt_tokens"].append(statistics.mean(kept_prompt))
@@ -228,7 +241,8 @@ def measure_kv_bound_throughput(llm, tokenizer, spec: dict[str, Any]) -> dict[st
 
     n, tokens = spec["kv_bound_requests"], spec["kv_bound_max_tokens"]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    _, timing = timed_generate(llm, _prompts(tokenizer, n, 900_000, spec["image_side"]), params)
+    prompts = _prompts(tokenizer, n, 900_000, spec["image_side"], spec["workload"])
+    _, timing = timed_generate(llm, prompts, params)
     return dict(requests=n, max_tokens=tokens, req_s=n / timing["seconds"], **timing)
 
 
@@ -251,17 +265,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = llm.get_tokenizer()
     image_token_id = llm.llm_engine.model_config.hf_config.image_token_id
     t = time.perf_counter()
-    result["held"] = measure_held(llm, _prompts(tokenizer, spec["held_requests"], 1000, side),
-                                  max_tokens=64)
+    held_prompts = _prompts(tokenizer, spec["held_requests"], 1000, side, spec["workload"])
+    result["held"] = measure_held(llm, held_prompts, max_tokens=64)
     phases["held_s"] = time.perf_counter() - t
     t = time.perf_counter()
     result["throughput"] = measure_throughput(llm, tokenizer, spec, image_token_id)
     phases["throughput_s"] = time.perf_counter() - t
     tp = result["throughput"]
-    if cfg.kind == "glimpse" and max(tp["kept_image_tokens"]) >= min(tp["image_tokens"]):
+    pruning = spec["workload"] != "text"
+    if pruning and cfg.kind == "glimpse" and max(tp["kept_image_tokens"]) >= max(tp["image_tokens"]):
         raise SystemExit("the glimpse engine did not prune (no request carries pruning stats "
                          "with fewer image tokens)")
-    if min(result["throughput"]["image_tokens"]) < MIN_IMAGE_TOKENS:
+    if spec["workload"] == "image" and min(tp["image_tokens"]) < MIN_IMAGE_TOKENS:
         raise SystemExit(f"images gave {min(result['throughput']['image_tokens'])} image tokens, "
                          f"fewer than {MIN_IMAGE_TOKENS}: is max_pixels applied?")
     t = time.perf_counter()
@@ -275,7 +290,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         phases["engine2_start_s"] = time.perf_counter() - t
         result["engine2"] = _engine_facts(llm)
         tokenizer = llm.get_tokenizer()
-        prompts = _prompts(tokenizer, spec["resident_requests"], 500_000, side)
+        prompts = _prompts(tokenizer, spec["resident_requests"], 500_000, side, spec["workload"])
         t = time.perf_counter()
         result["residency"] = measure_residency(llm, prompts, spec["resident_max_tokens"],
                                                 spec["resident_max_steps"], spec["extra_steps"])
@@ -298,6 +313,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_config(cfg: Config, model: str, args, log) -> dict[str, Any]:
     spec = dict(config=asdict(cfg), model=model, requests=args.requests, repeats=args.repeats,
                 max_tokens=args.max_tokens, dtype=args.dtype, image_side=args.image_size,
+                workload=args.workload,
                 max_pixels=args.max_pixels, held_requests=args.held_requests,
                 kv_blocks=args.kv_blocks,
                 resident_requests=args.resident_requests,
@@ -405,7 +421,7 @@ def print_table(lines: list[dict[str, Any]]) -> None:
         print("* every request was resident at once: the count is capped by --resident-requests")
 
 
-def goal_checks(lines: list[dict[str, Any]], quick: bool) -> list[str]:
+def goal_checks(lines: list[dict[str, Any]], quick: bool, workload: str = "image") -> list[str]:
     g = next((ln for ln in lines if ln.get("kind") == "glimpse"), None)
     v = next((ln for ln in lines if ln.get("kind") == "vanilla"), None)
     tag = " [--quick: smoke check, not the goal measurement]" if quick else ""
@@ -417,6 +433,15 @@ def goal_checks(lines: list[dict[str, Any]], quick: bool) -> list[str]:
 
     out = []
     x, xb = g["x_vanilla"], g["x_vanilla_best"]
+    if workload == "text":
+        return [f"GOAL text-only req/s >= {GOAL_TEXT_VS_DEFAULTS}x vanilla's defaults: {x:.2f}x on "
+                f"medians ({xb:.2f}x best-of-repeats) -> {verdict(x >= GOAL_TEXT_VS_DEFAULTS)}{tag}"]
+    if workload == "image":
+        out.append(f"GOAL image req/s (>= 1,000 image tokens) >= {GOAL_IMAGE_VS_DEFAULTS}x "
+                   f"vanilla's defaults: {x:.2f}x on medians ({xb:.2f}x best-of-repeats) -> "
+                   f"{verdict(x >= GOAL_IMAGE_VS_DEFAULTS and g['image_tok_per_req'] >= 1000)}{tag}")
+    else:
+        return [f"mixed req/s: {x:.2f}x vanilla's defaults on medians ({xb:.2f}x best-of-repeats)"]
     out.append(f"GOAL req/s >= {GOAL_SPEEDUP}x vanilla: {x:.2f}x on medians ({xb:.2f}x "
                f"best-of-repeats) with a KV cache larger than any batch -> "
                f"{verdict(x >= GOAL_SPEEDUP)}{tag}")
@@ -469,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIDE,
                    help=f"square image side in pixels (default {DEFAULT_IMAGE_SIDE}: "
                         f"{image_tokens_for(DEFAULT_IMAGE_SIDE)} image tokens)")
+    p.add_argument("--workload", default="image", choices=WORKLOADS,
+                   help="requests with one image each (default), text only, or mixed (half "
+                        "and half)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=("bfloat16", "float32"))
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
     p.add_argument("--quick", action="store_true",
@@ -528,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_config(c, model, args, log) for c in cfgs]
     total = time.perf_counter() - t_all
     lines = summarize(rows, args.requests)
-    checks = goal_checks(lines, args.quick)
+    checks = goal_checks(lines, args.quick, args.workload)
 
     c = counts
     n_img = image_tokens_for(args.image_size)
@@ -538,8 +566,12 @@ def main(argv: list[str] | None = None) -> int:
           f"ViT {c['vision'] / 1e6:.1f}M, merger {c['projector'] / 1e6:.1f}M); GlimpsePrune "
           f"synthetic checkpoint K {ckpt_cfg['reduce_layer']} of {ckpt_cfg['num_hidden_layers']} "
           f"layers, fixed_ratio {args.ratio:g}")
-    print(f"workload: {args.image_size}x{args.image_size} images -> {n_img} image tokens, one per "
-          f"request + a short question; {args.requests} requests per timed batch, "
+    what = {"image": f"{args.image_size}x{args.image_size} images -> {n_img} image tokens, one "
+                     "per request + a short question",
+            "text": "text only: a distinct short question per request",
+            "mixed": f"mixed: even requests one {args.image_size}x{args.image_size} image "
+                     f"({n_img} image tokens) + a question, odd ones text only"}[args.workload]
+    print(f"workload: {what}; {args.requests} requests per timed batch, "
           f"{args.repeats} batches, max_tokens {args.max_tokens} (greedy, ignore_eos)")
     print(f"engine: dtype {args.dtype}, max_model_len {MAX_MODEL_LEN}, otherwise vLLM's defaults, "
           f"OMP_NUM_THREADS {args.threads} ({os.cpu_count()} CPUs), "
@@ -586,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                           resident_max_tokens=args.resident_max_tokens,
                           kv_bound_requests=args.kv_bound_requests,
                           kv_bound_max_tokens=args.kv_bound_max_tokens,
-                          image_size=args.image_size, image_tokens=n_img,
+                          workload=args.workload, image_size=args.image_size, image_tokens=n_img,
                           max_pixels=args.max_pixels, ratio=args.ratio, quick=args.quick,
                           threads=args.threads, cpu_count=os.cpu_count()),
             model=dict(path=model, parameters=counts),

@@ -381,8 +381,9 @@ def _level(result: dict[str, Any], concurrency: int) -> dict[str, Any]:
 def run_online(w: Workload, args, log) -> dict[str, Any]:
     from vllm_glimpse.testing.glimpse_bench import bench_glimpse_checkpoint
 
-    common = ["--dtype", args.dtype, "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
-              "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+    # vLLM's serving defaults otherwise (compiled, prefix caching, chunked prefill, processor
+    # cache): random-mm sends a new image per request, so no cache flatters any configuration.
+    common = ["--dtype", args.dtype, "--max-model-len", str(MAX_MODEL_LEN),
               "--limit-mm-per-prompt", '{"image": 1}']
     if w.family == "qwen2_5_vl":
         common += ["--mm-processor-kwargs", json.dumps({"max_pixels": w.side ** 2})]
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-requests", type=int, default=4)
     p.add_argument("--resident-requests", type=int, default=32)
     p.add_argument("--resident-max-tokens", type=int, default=32)
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--online-requests", type=int, default=16)
     p.add_argument("--online-max-tokens", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))

