@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 
 from vllm_glimpse.settings import LOGGER_NAME, PruningSettingsError, pruning_config_of
 
@@ -127,8 +128,6 @@ def check_cuda_graph_mode(vllm_config) -> None:
     graphs for decode-only batches, piecewise graphs of the compiled model otherwise), PIECEWISE
     and FULL_DECODE_ONLY keep every prefill step in Python: the prune step never reaches a
     captured graph. Runs before vLLM resolves its defaults, so it sees what the user asked for."""
-    import os
-
     from vllm.config.compilation import CUDAGraphMode
 
     mode = vllm_config.compilation_config.cudagraph_mode

@@ -59,6 +59,17 @@ class _PromptToPrune:
     images: list  # its image MultiModalFeatureSpecs, in prompt order
 
 
+def _images_to_prune(new_req_data) -> list:
+    """A new request's images in prompt order, if it prunes: it has images and none of them
+    was computed before (``num_computed_tokens`` > 0 are prefix-cache hits, which end before the
+    first image); else none."""
+    images = sorted((f for f in new_req_data.mm_features if f.modality == "image"),
+                    key=lambda f: f.mm_position.offset)
+    if images and new_req_data.num_computed_tokens <= images[0].mm_position.offset:
+        return images
+    return []
+
+
 class GlimpseModelState(DefaultModelState):
     """GlimpsePrune on MRv2.
 
@@ -97,25 +108,19 @@ class GlimpseModelState(DefaultModelState):
         super().add_request(req_index, new_req_data)
         req_id = new_req_data.req_id
         self.position_offsets.pop(req_id, None)
-        images = sorted((f for f in new_req_data.mm_features if f.modality == "image"),
-                        key=lambda f: f.mm_position.offset)
-        # (num_computed_tokens > 0: prefix-cache hits, which end before the first image)
-        if images and new_req_data.num_computed_tokens <= images[0].mm_position.offset:
+        images = _images_to_prune(new_req_data)
+        if images:
             prompt = list(new_req_data.prefill_token_ids[:new_req_data.prompt_len])
             self.to_prune[req_id] = _PromptToPrune(prompt, list(new_req_data.block_ids[0]), images)
 
     def prunes_in(self, scheduler_output) -> bool:
         """Whether a step prunes, from its scheduler output alone (the runner dispatches the
-        batch's CUDA-graph mode before any state hook runs, even ``add_request``): a request
-        with images, not pruned yet, whose prompt ends in the step."""
+        batch's CUDA-graph mode before any state hook runs, even ``add_request``): it schedules a
+        request that will prune, new in it (its whole prompt is in the step: chunked prefill is
+        off) or recorded before."""
         scheduled = scheduler_output.num_scheduled_tokens
-        for new in scheduler_output.scheduled_new_reqs:
-            if (any(f.modality == "image" for f in new.mm_features)
-                    and new.num_computed_tokens + scheduled.get(new.req_id, 0) >= new.prompt_len):
-                return True
-        # Added in an earlier step, its prompt not finished then: conservatively, any step that
-        # schedules it.
-        return any(req_id in scheduled for req_id in self.to_prune)
+        return (any(_images_to_prune(new) for new in scheduler_output.scheduled_new_reqs)
+                or any(req_id in scheduled for req_id in self.to_prune))
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
