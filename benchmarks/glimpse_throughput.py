@@ -165,8 +165,8 @@ def _prompts(tokenizer, count: int, seed0: int, side: int, workload: str = "imag
     text = text_prompts(tokenizer, count, seed0)
     if workload == "text":
         return text
-    images = image_prompts(tokenizer, "qwen2_5_vl", count, seed0, (side, side))
-    return [images[i] if i % 2 == 0 else text[i] for i in range(count)]
+    images = image_prompts(tokenizer, "qwen2_5_vl", (count + 1) // 2, seed0, (side, side))
+    return [images[i // 2] if i % 2 == 0 else text[i] for i in range(count)]
 
 
 def _engine(spec: dict[str, Any], cfg: Config, blocks: int | None):
