@@ -35,8 +35,9 @@ Configurations, each in its own subprocess (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
   it (compiled, prefix caching and chunked prefill on, max_num_batched_tokens 4096 and
   max_num_seqs 256 on the CPU);
 * ``glimpse-<ratio>``: the plugin with ``engine_kwargs("glimpse", checkpoint=..., fixed_ratio=
-  ratio)``: compiled too (its prune steps run eagerly); prefix caching and chunked prefill off,
-  max_num_batched_tokens = max_model_len (4096 here, the same budget as vanilla's default).
+  ratio)``: compiled too (its prune steps run eagerly), prefix caching, chunked prefill and
+  max_num_batched_tokens as vanilla's; async scheduling off (vLLM's CPU platform turns it off
+  for vanilla too).
 
 Each subprocess runs two engines:
 

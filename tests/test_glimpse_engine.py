@@ -247,33 +247,29 @@ def test_non_finite_vip_output_keeps_every_image_token(tiny_models, tmp_path):
             assert stats["image_tokens_after"] == stats["image_tokens_before"]
 
 
-def test_prompts_longer_than_the_step_budget_are_refused_and_the_engine_serves_on(tiny_models,
-                                                                                 glimpse_checkpoints):
-    """--max-num-batched-tokens below max_model_len bounds the prompts a GlimpsePrune engine
-    computes (each in one step): a longer prompt, with an image or text only, is refused with
-    one line naming the setting, instead of waiting forever in vLLM's scheduler; a prompt within
-    the budget is then served and pruned."""
-    from vllm.exceptions import VLLMValidationError
-
+def test_prompts_longer_than_the_step_budget_are_served_in_chunks(tiny_models, glimpse_checkpoints):
+    """--max-num-batched-tokens below a prompt's length (vLLM's chunked prefill, on by default):
+    the prompt, with an image or text only, is computed in chunks and served (an image request
+    pruned, with the counts a prompt within the budget gets)."""
     llm = make_llm(tiny_models["qwen2_5_vl"], method="glimpse",
                    knobs={"checkpoint": glimpse_checkpoints["qwen2_5_vl"], "fixed_ratio": 0.25},
                    max_num_batched_tokens=200, max_num_seqs=8)
     try:
-        assert llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == 200
+        sched = llm.llm_engine.vllm_config.scheduler_config
+        assert sched.max_num_batched_tokens == 200 and sched.enable_chunked_prefill
         tokenizer = llm.get_tokenizer()
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         big_image = RequestSpec("Describe.", (ImageSpec("checker", 448, 448, 1),))  # 16 x 16 tokens
-        for prompt in (build_request(tokenizer, big_image), {"prompt_token_ids": [100] * 201}):
-            # (vLLM's error class for a prompt longer than max_model_len, too)
-            with pytest.raises(VLLMValidationError, match=r"The prompt \(length \d+\) is longer than "
-                               r"max_num_batched_tokens=200: GlimpsePrune computes a whole prompt "
-                               r"in one step; start the engine with a larger "
-                               r"--max-num-batched-tokens \(up to max_model_len=\d+\)"):
-                llm.generate([prompt], params, use_tqdm=False)
         small_image = RequestSpec("Describe.", (ImageSpec("checker", 224, 224, 2),))  # 8 x 8 tokens
-        out = llm.generate([build_request(tokenizer, small_image)], params, use_tqdm=False)[0]
-        assert len(out.outputs[0].token_ids) == 4
-        stats = out.kv_transfer_params[STATS_KEY]
-        assert (stats["image_tokens_before"], stats["image_tokens_after"]) == (64, 16)
+        prompts = [build_request(tokenizer, big_image), {"prompt_token_ids": [100] * 401},
+                   build_request(tokenizer, small_image)]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert len(outs[0].prompt_token_ids) > 200
+        for out in outs:
+            assert len(out.outputs[0].token_ids) == 4
+        stats = [outs[i].kv_transfer_params[STATS_KEY] for i in (0, 2)]
+        assert [(s["image_tokens_before"], s["image_tokens_after"]) for s in stats] == [
+            (256, 64), (64, 16)]
+        assert not (outs[1].kv_transfer_params or {}).get(STATS_KEY)
     finally:
         shutdown(llm)

@@ -30,13 +30,16 @@ def _config(model, **kwargs):
 def test_glimpse_turns_on_what_it_needs(tiny_models, qwen_checkpoint):
     config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096,
                      **vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint))
+    vanilla = _config(tiny_models["qwen2_5_vl"], max_model_len=4096)
     assert config.cache_config.enable_prefix_caching is True  # vLLM's default
-    assert config.scheduler_config.enable_chunked_prefill is False
-    # no step budget given: any prompt the model takes fits in one step
-    assert config.scheduler_config.max_num_batched_tokens == 4096
+    # chunked prefill and the step budget as vLLM sets them
+    assert config.scheduler_config.enable_chunked_prefill is True
+    assert (config.scheduler_config.max_num_batched_tokens
+            == vanilla.scheduler_config.max_num_batched_tokens < 4096)
+    assert (config.scheduler_config.long_prefill_token_threshold
+            == vanilla.scheduler_config.long_prefill_token_threshold)
     assert config.scheduler_config.async_scheduling is False
     # compiled as vLLM compiles by default: only the prune step runs outside the compiled model
-    vanilla = _config(tiny_models["qwen2_5_vl"], max_model_len=4096)
     assert config.model_config.enforce_eager is False
     assert config.compilation_config.mode == vanilla.compilation_config.mode
     assert config.compilation_config.cudagraph_mode == vanilla.compilation_config.cudagraph_mode
@@ -69,39 +72,27 @@ def test_cuda_graph_modes_that_would_skip_the_prune_are_refused(tiny_models, qwe
 
 
 @pytest.mark.parametrize("given", [None, 1024, 6000])
-def test_step_budget_is_the_longest_prompt(tiny_models, qwen_checkpoint, caplog, given):
-    """max_num_batched_tokens of a GlimpsePrune engine: the user's value, also below
-    max_model_len (it bounds prompts, which the front end refuses beyond it), else max_model_len;
-    the encoder budget follows; the log says what was set and why. (vLLM itself refuses a budget
-    below max_model_len with chunked prefill off.)"""
-    from vllm_glimpse.engine.engine_config import prompt_over_step_budget
-    from vllm_glimpse.settings import LOGGER_NAME
-
+def test_step_budget_is_vllms(tiny_models, qwen_checkpoint, given):
+    """max_num_batched_tokens and chunked prefill of a GlimpsePrune engine are vanilla vLLM's from
+    the same arguments, also with chunked prefill turned off (where vLLM itself refuses a budget
+    below max_model_len)."""
     extra = {} if given is None else {"max_num_batched_tokens": given}
-    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+    kwargs = vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint)
+    for chunked in (True, False):
+        if not chunked and given == 1024:
+            with pytest.raises(Exception, match="smaller than max_model_len"):
+                _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **extra,
+                        enable_chunked_prefill=False, **kwargs)
+            continue
         config = _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **extra,
-                         **vllm_glimpse.engine_kwargs("glimpse", checkpoint=qwen_checkpoint))
-    sched = config.scheduler_config
-    budget = 4096 if given is None else given
-    assert sched.max_num_batched_tokens == budget
-    assert sched.enable_chunked_prefill is False
-    assert sched.max_num_encoder_input_tokens >= budget and sched.encoder_cache_size >= budget
-    logged = [r.getMessage() for r in caplog.records if "max_num_batched_tokens=" in r.getMessage()]
-    if given == 1024:
-        assert logged == ["vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=1024: "
-                          "prompts up to 1024 tokens are computed, each in one step (chunked "
-                          "prefill off); longer prompts are refused; max_model_len=4096 still "
-                          "bounds prompt plus output"]
-    elif given is None:
-        assert len(logged) == 1 and "max_num_batched_tokens=4096 (was" in logged[0], logged
-        assert "give --max-num-batched-tokens (the longest prompt you serve)" in logged[0]
-    else:
-        assert logged == []  # the user's value, above max_model_len: kept as given, silently
-    assert prompt_over_step_budget(config, budget) is None
-    assert prompt_over_step_budget(config, budget + 1) == (
-        f"The prompt (length {budget + 1}) is longer than max_num_batched_tokens={budget}: "
-        "GlimpsePrune computes a whole prompt in one step; start the engine with a larger "
-        "--max-num-batched-tokens (up to max_model_len=4096)")
+                         enable_chunked_prefill=chunked, **kwargs)
+        vanilla = _config(tiny_models["qwen2_5_vl"], max_model_len=4096, **extra,
+                          enable_chunked_prefill=chunked)
+        ours, theirs = config.scheduler_config, vanilla.scheduler_config
+        assert ours.enable_chunked_prefill is chunked
+        assert ours.max_num_batched_tokens == theirs.max_num_batched_tokens
+        assert ours.max_num_encoder_input_tokens == theirs.max_num_encoder_input_tokens
+        assert ours.encoder_cache_size == theirs.encoder_cache_size
 
 
 def test_other_methods_keep_vllm_defaults(tiny_models):
@@ -145,35 +136,30 @@ def test_cli_refuses_conflicting_flags(qwen_checkpoint, dest, flag):
     assert f"--plugin glimpse cannot run with {flag}" in str(info.value)
 
 
-def test_cli_step_budget_with_chunked_prefill_off(tiny_models, qwen_checkpoint):
-    """`vllm serve ... --plugin glimpse --no-enable-chunked-prefill --max-num-batched-tokens 1024
-    --max-model-len 4096`: vLLM alone refuses a budget below max_model_len with chunked prefill
-    off; with GlimpsePrune it is the longest prompt, and the engine config keeps it."""
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
-    argv = ["--model", str(tiny_models["qwen2_5_vl"]), "--plugin", "glimpse",
-            "--glimpse-checkpoint", qwen_checkpoint, "--no-enable-chunked-prefill",
-            "--max-num-batched-tokens", "1024", "--max-model-len", "4096"]
-    config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
-    assert config.scheduler_config.max_num_batched_tokens == 1024
-    assert config.scheduler_config.enable_chunked_prefill is False
-
-
 def test_llava_with_a_quantized_kv_cache_turns_prefix_caching_off(tiny_models, glimpse_checkpoints,
                                                                   caplog):
     """LLaVA's glimpse scores read every key of the request back from the paged cache, which a
-    quantized cache does not allow: prefix caching (whose hits the prune step would have to read)
-    goes off with one line; Qwen2.5-VL (scores over the image keys, computed in the step) keeps it."""
+    quantized cache does not allow: prefix caching and chunked prefill (whose earlier tokens'
+    keys the prune step would have to read) go off with one line each, the step budget then
+    covering a whole prompt; Qwen2.5-VL (scores over the image keys, held from earlier chunks
+    where the cache cannot be read) keeps both."""
     from vllm_glimpse.settings import LOGGER_NAME
 
     kwargs = vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints["llava"])
-    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
         config = _config(tiny_models["llava"], kv_cache_dtype="fp8", **kwargs)
     assert config.cache_config.enable_prefix_caching is False
     assert any("GlimpsePrune on LLaVA with kv_cache_dtype=fp8 turns prefix caching off"
+               in r.getMessage() for r in caplog.records)
+    sched = config.scheduler_config
+    assert sched.enable_chunked_prefill is False
+    assert sched.max_num_batched_tokens >= config.model_config.max_model_len
+    assert sched.max_num_encoder_input_tokens >= config.model_config.max_model_len
+    assert any("GlimpsePrune sets enable_chunked_prefill=False (was True): LLaVA's glimpse scores "
+               "read every key of the request, which kv_cache_dtype=fp8 cannot give back"
                in r.getMessage() for r in caplog.records)
     assert _config(tiny_models["llava"], **kwargs).cache_config.enable_prefix_caching is True
     qwen = vllm_glimpse.engine_kwargs("glimpse", checkpoint=glimpse_checkpoints["qwen2_5_vl"])
     config = _config(tiny_models["qwen2_5_vl"], kv_cache_dtype="fp8", **qwen)
     assert config.cache_config.enable_prefix_caching is True
+    assert config.scheduler_config.enable_chunked_prefill is True

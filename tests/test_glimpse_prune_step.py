@@ -215,7 +215,7 @@ def test_reservation_covers_what_the_dummy_forward_does_not():
     def model(impl_name, intermediate):
         impl = type(impl_name, (), {"kv_cache_dtype": "auto"})()
         attn = SimpleNamespace(impl=impl, num_kv_heads=4, head_size=128)
-        text = SimpleNamespace(intermediate_size=intermediate)
+        text = SimpleNamespace(intermediate_size=intermediate, hidden_size=3584)
         lm = torch.nn.Linear(2, 2).to(torch.bfloat16)
         return SimpleNamespace(
             glimpse_enabled=True, glimpse_checkpoint=SimpleNamespace(config=cfg),
@@ -223,9 +223,10 @@ def test_reservation_covers_what_the_dummy_forward_does_not():
             _glimpse_text_model=lambda: lm,
         ), attn
 
-    def reserve(impl_name, intermediate, tokens=10_000):
+    def reserve(impl_name, intermediate, tokens=10_000, longest_prompt=0):
         m, attn = model(impl_name, intermediate)
         m.__dict__["_glimpse_recorders"] = [SimpleNamespace(attn=attn)]
+        m.__dict__["_glimpse_longest_prompt"] = longest_prompt
         return GlimpseModelMixin.glimpse_profile_reserve_bytes(m, tokens)
 
     # Qwen2.5-VL-7B's MLP (18944) holds far more than the prune step needs: nothing to add.
@@ -234,3 +235,9 @@ def test_reservation_covers_what_the_dummy_forward_does_not():
     assert reserve("FlashAttentionImpl", 64) > 0
     # Unreadable cache (any other backend): K and V of layers 0..K for every token, at least.
     assert reserve("TritonAttentionImpl", 18944) >= 19 * 10_000 * 2 * 4 * 128 * 2
+    # Chunked prefill (a 2048-token step, prompts up to 32768 tokens): a whole prompt's held rows
+    # (hidden state and residual, the four vision layers' conditions) and its prune step.
+    held_rows = 32768 * (2 * 3584 + 4 * 1280) * 2
+    # The prune step over 32768 tokens needs more than the 2048-token dummy forward's MLP holds.
+    assert reserve("FlashAttentionImpl", 18944, 2048, 32768) > held_rows
+    assert reserve("FlashAttentionImpl", 18944, 2048) == 0  # chunked prefill off: as before

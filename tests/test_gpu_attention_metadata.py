@@ -1,11 +1,12 @@
 """The attention metadata GlimpsePrune rebuilds mid-forward for layers K+1.., checked with vLLM's
 FlashAttention metadata builder (the GPU backend's class constructs on the CPU), on both runners.
 
-For a batch in which requests were pruned, the V1 runner's ``GlimpseRunnerMixin._switch_attention``
-derives the short batch from the runner's state, and Model Runner V2's
-``GlimpseModelState._switch_attention`` from the step's ``InputBatch`` (through vLLM's own
-``prepare_attn``); the metadata each installs must equal what the builder gives for the same batch
-described directly as already pruned."""
+For a batch in which requests were pruned (or, with chunked prefill, a chunk's rows held after
+layer K, or rows held from earlier chunks joining the step's survivors), the V1 runner's
+``GlimpseRunnerMixin._switch_attention`` derives the short batch from the runner's state, and
+Model Runner V2's ``GlimpseModelState._switch_attention`` from the step's ``InputBatch`` (through
+vLLM's own ``prepare_attn``); the metadata each installs must equal what the builder gives for the
+same batch described directly with the requests' new (query, sequence) lengths."""
 
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ def _assert_same(got, want):
             assert a == b, name
 
 
-def _builder_on_pruned_batch(config, group, computed, pruned_query, block_table, slot_mapping):
+def _builder_on_pruned_batch(config, group, computed, pruned_query, pruned_seq, block_table,
+                             slot_mapping):
     """The same step, written down directly as the pruned batch it became."""
     num_tokens = sum(pruned_query)
-    seq_lens = torch.tensor([c + q for c, q in zip(computed, pruned_query)], dtype=torch.int32)
+    seq_lens = torch.tensor(pruned_seq, dtype=torch.int32)
     query_start = torch.tensor([0] + pruned_query, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     expected = CommonAttentionMetadata(
         query_start_loc=query_start, query_start_loc_cpu=query_start,
@@ -92,8 +94,10 @@ def _builder_on_pruned_batch(config, group, computed, pruned_query, block_table,
         return group.get_metadata_builder().build(0, expected)
 
 
-REMOVED = [{1: 35}, {1: 35, 2: 7}, {2: 1}]
-# A decode (40 tokens computed), and two whole prompts of 50 and 20 tokens in one step.
+# {request: (query length, sequence length) in layers K+1..}: pruned requests; a chunk whose rows
+# are all held (none goes on; 10 tokens before its image); survivors outnumbering the step's rows.
+LENGTHS = [{1: (15, 15)}, {1: (15, 15), 2: (13, 13)}, {2: (19, 19)}, {1: (0, 10), 2: (26, 26)}]
+# A decode (40 tokens computed), and two prompts of 50 and 20 tokens in one step.
 QUERY_LENS, COMPUTED, PROMPT_LENS = [1, 50, 20], [40, 0, 0], [30, 50, 20]
 BLOCK_TABLE = torch.tensor([[7, 8, 9, 0], [1, 2, 3, 4], [5, 6, 0, 0]], dtype=torch.int32)
 
@@ -118,12 +122,12 @@ def _model_runner_v2_batch(query_lens, computed, prompt_lens) -> InputBatch:
         positions=torch.cat([torch.arange(c, c + q) for c, q in zip(computed, query_lens)]))
 
 
-def _switch_on_v1(config, group, spec, removed, slot_mapping, num_tokens) -> None:
+def _switch_on_v1(config, group, spec, lengths, slot_mapping, num_tokens) -> None:
     runner = _runner_state(QUERY_LENS, COMPUTED, PROMPT_LENS, BLOCK_TABLE, group)
-    GlimpseRunnerMixin._switch_attention(runner, LAYERS, removed, slot_mapping, num_tokens)
+    GlimpseRunnerMixin._switch_attention(runner, LAYERS, lengths, slot_mapping, num_tokens)
 
 
-def _switch_on_v2(config, group, spec, removed, slot_mapping, num_tokens) -> None:
+def _switch_on_v2(config, group, spec, lengths, slot_mapping, num_tokens) -> None:
     batch = _model_runner_v2_batch(QUERY_LENS, COMPUTED, PROMPT_LENS)
     # The state as MRv2 leaves it when the model reaches layer K+1 (prepare_attn's arguments kept).
     state = object.__new__(GlimpseModelState)
@@ -133,30 +137,36 @@ def _switch_on_v2(config, group, spec, removed, slot_mapping, num_tokens) -> Non
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
     step_slots = torch.arange(500, 500 + sum(QUERY_LENS), dtype=torch.int64)[None]
     state._attn_args = ((BLOCK_TABLE,), step_slots, [[group]], kv_cache_config)
-    # Each pruned request keeps its last rows (its prompt ends with the glimpse token's row).
-    keep = torch.ones(sum(QUERY_LENS), dtype=torch.bool)
-    for i, count in removed.items():
-        start = int(batch.query_start_loc_np[i])
-        keep[start:start + count] = False
-    state._switch_attention(LAYERS, removed, slot_mapping, num_tokens,
-                            torch.nonzero(keep).squeeze(-1))
+    seen = []
+
+    def survivor_positions(step_positions):
+        seen.append(step_positions)
+        return torch.arange(num_tokens)
+
+    state._switch_attention(LAYERS, lengths, slot_mapping, num_tokens, survivor_positions)
+    # the survivors' positions are derived from the step's
+    assert len(seen) == 1 and torch.equal(seen[0], batch.positions[:batch.num_tokens])
     # The step's own batch is left as it was (slots and positions are read from it later).
     assert batch.num_tokens == sum(QUERY_LENS) and batch.positions.shape[0] == sum(QUERY_LENS)
 
 
 @pytest.mark.parametrize("switch", [_switch_on_v1, _switch_on_v2], ids=["v1", "model_runner_v2"])
-@pytest.mark.parametrize("removed", REMOVED)
-def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, removed,
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_rebuilt_flash_metadata_equals_the_builder_on_the_pruned_batch(flash_group, lengths,
                                                                        switch):
     config, group, spec = flash_group
-    pruned_query = [q - removed.get(i, 0) for i, q in enumerate(QUERY_LENS)]
+    pruned_query = [lengths.get(i, (q, c + q))[0]
+                    for i, (q, c) in enumerate(zip(QUERY_LENS, COMPUTED))]
+    pruned_seq = [lengths.get(i, (q, c + q))[1]
+                  for i, (q, c) in enumerate(zip(QUERY_LENS, COMPUTED))]
     num_tokens = sum(pruned_query)
     slot_mapping = torch.arange(100, 100 + num_tokens, dtype=torch.int64)
     context = SimpleNamespace(attn_metadata={}, slot_mapping={})
     with set_current_vllm_config(config), override_forward_context(context):
-        switch(config, group, spec, removed, slot_mapping, num_tokens)
+        switch(config, group, spec, lengths, slot_mapping, num_tokens)
 
-    want = _builder_on_pruned_batch(config, group, COMPUTED, pruned_query, BLOCK_TABLE, slot_mapping)
+    want = _builder_on_pruned_batch(config, group, COMPUTED, pruned_query, pruned_seq, BLOCK_TABLE,
+                                    slot_mapping)
     assert set(context.attn_metadata) == set(LAYERS)
     for name in LAYERS:
         assert context.attn_metadata[name] is context.attn_metadata[LAYERS[0]]

@@ -1,6 +1,7 @@
 """`vllm serve <model> --plugin glimpse ...` on loopback: chat completions with images prune inside
 the engine, the answer equals the independent HF reference, the response carries the pruning
-stats, and text-only requests share the server."""
+stats, and text-only requests share the server. The step budget is below the image prompts'
+lengths: they are computed in chunks (vLLM's chunked prefill, on by default)."""
 
 import pytest
 
@@ -17,8 +18,8 @@ def checkpoint(glimpse_checkpoints):
     return glimpse_checkpoints["qwen2_5_vl"]
 
 
-# The longest prompt the server computes (one step each): below max_model_len (1024).
-STEP_BUDGET = 768
+# Tokens per step: the two-image prompt below (about 500 tokens) takes two steps.
+STEP_BUDGET = 384
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,10 @@ def test_per_request_keep_rule_stats_and_metrics(glimpse_server):
 @pytest.mark.parametrize("case", ["too_large", "over_step_budget", "aspect_ratio", "tiny"])
 def test_image_sizes_the_model_cannot_take(glimpse_server, case):
     """Qwen2.5-VL resizes every image into [min_pixels, max_pixels]: an image whose tokens do not
-    fit the context (max_model_len 1024 here), or whose prompt is longer than the step budget
-    (768: 868 x 700 px is 31 x 25 = 775 image tokens), or of aspect ratio >= 200 is a 400 naming
-    the problem; a 1 x 1 image is upscaled to 28 x 28 (4 tokens) and served. The server goes on."""
+    fit the context (max_model_len 1024 here) or of aspect ratio >= 200 is a 400 naming the
+    problem; a 1 x 1 image is upscaled to 28 x 28 (4 tokens) and served; a prompt three times the
+    step budget (868 x 700 px is 31 x 25 = 775 image tokens) is served in chunks and pruned. The
+    server goes on."""
     from openai import BadRequestError, OpenAI
 
     url, _ = glimpse_server
@@ -130,18 +132,17 @@ def test_image_sizes_the_model_cannot_take(glimpse_server, case):
     sizes = {"too_large": (1400, 1400), "over_step_budget": (868, 700), "aspect_ratio": (5000, 20),
              "tiny": (1, 1)}
     messages = _image_message(ImageSpec("noise", *sizes[case], 22).build())
-    if case == "tiny":
+    if case in ("tiny", "over_step_budget"):
         response = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
         stats = response.model_extra["kv_transfer_params"]["vllm_glimpse"]
-        assert stats["image_tokens_before"] == 4 and stats["image_tokens_after"] == 1
+        n = {"tiny": 4, "over_step_budget": 775}[case]
+        assert stats["image_tokens_before"] == n and stats["image_tokens_after"] == int(RATIO * n)
+        assert response.usage.completion_tokens == 2
         return
     with pytest.raises(BadRequestError) as info:
         client.chat.completions.create(model=model, messages=messages, max_tokens=2)
     assert info.value.status_code == 400
     want = {"too_large": "exceeds model's maximum context length (1024)",
-            "over_step_budget": "is longer than max_num_batched_tokens=768: GlimpsePrune computes "
-                                "a whole prompt in one step; start the engine with a larger "
-                                "--max-num-batched-tokens (up to max_model_len=1024)",
             "aspect_ratio": "image 1 is 5000x20 px: Qwen2.5-VL takes images whose longer side is "
                             "less than 200 times the shorter one"}[case]
     assert want in str(info.value)

@@ -107,7 +107,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
 # Engine flags GlimpsePrune cannot run with (vllm_glimpse/engine/engine_config.py says why);
 # vLLM leaves each at None unless the user gave it.
 GLIMPSE_CONFLICTS = (
-    ("enable_chunked_prefill", "--enable-chunked-prefill"),
     ("async_scheduling", "--async-scheduling"),
 )
 
@@ -117,14 +116,8 @@ def _refuse_glimpse_conflicts(args: argparse.Namespace) -> None:
     if given:
         raise StartupError(
             f"--plugin glimpse cannot run with {', '.join(given)}: pruning inside the forward "
-            "needs chunked prefill and async scheduling off (the plugin turns them off by "
-            "default)"
+            "needs async scheduling off (the plugin turns it off by default)"
         )
-    if getattr(args, "enable_chunked_prefill", None) is False:
-        # The plugin turns it off itself, after vLLM's check that would refuse a
-        # --max-num-batched-tokens below --max-model-len with chunked prefill off; for
-        # GlimpsePrune that value only bounds prompts (vllm_glimpse/engine/engine_config.py).
-        args.enable_chunked_prefill = None
 
 
 def _as_flags(message: str, method: str) -> str:

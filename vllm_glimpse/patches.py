@@ -26,7 +26,6 @@ def apply_all() -> None:
     add_plugin_cli_flags()
     apply_glimpse_engine_settings_per_architecture()
     report_pruning_stats_in_front_end()
-    refuse_prompts_over_the_step_budget()
 
 
 _mrope_patch_installed = False
@@ -84,11 +83,6 @@ def add_plugin_cli_flags() -> None:
     (and every command built on engine arguments). ``EngineArgs.from_cli_args`` builds the
     engine arguments from the parsed command line; wrapping it sets ``hf_overrides`` from our
     options, exactly what ``engine_kwargs`` returns for ``LLM(...)``.
-
-    ``EngineArgs.create_engine_config`` fills in ``max_num_batched_tokens`` when the user gave
-    none, before the config hook that sizes GlimpsePrune's step budget runs
-    (``vllm_glimpse/engine/engine_config.py``, ``set_step_budget``); wrapping it records the
-    value as given (``USER_MAX_NUM_BATCHED_TOKENS``) for the duration of the call.
     """
     global _cli_patch_installed
     if _cli_patch_installed:
@@ -99,11 +93,9 @@ def add_plugin_cli_flags() -> None:
 
 def _wrap_engine_args(engine_args_cls: type) -> None:
     from vllm_glimpse import cli
-    from vllm_glimpse.engine.engine_config import USER_MAX_NUM_BATCHED_TOKENS
 
     add_cli_args = engine_args_cls.__dict__["add_cli_args"].__func__
     from_cli_args = engine_args_cls.__dict__["from_cli_args"].__func__
-    create_engine_config = engine_args_cls.__dict__["create_engine_config"]
     if getattr(add_cli_args, "_vllm_glimpse_patched", False):
         return
 
@@ -119,25 +111,16 @@ def _wrap_engine_args(engine_args_cls: type) -> None:
             engine_args.hf_overrides = ours["hf_overrides"]
         return engine_args
 
-    @functools.wraps(create_engine_config)
-    def create_engine_config_noting_budget(self, *args, **kwargs):
-        token = USER_MAX_NUM_BATCHED_TOKENS.set(self.max_num_batched_tokens)
-        try:
-            return create_engine_config(self, *args, **kwargs)
-        finally:
-            USER_MAX_NUM_BATCHED_TOKENS.reset(token)
-
     add_cli_args_with_ours._vllm_glimpse_patched = True
     engine_args_cls.add_cli_args = staticmethod(add_cli_args_with_ours)
     engine_args_cls.from_cli_args = classmethod(from_cli_args_with_ours)
-    engine_args_cls.create_engine_config = create_engine_config_noting_budget
 
 
 _engine_settings_patch_installed = False
 
 
 def apply_glimpse_engine_settings_per_architecture() -> None:
-    """Have ``VllmConfig`` apply GlimpsePrune's engine settings (chunked prefill off,
+    """Have ``VllmConfig`` apply GlimpsePrune's engine settings (async scheduling off,
     CUDA-graph modes checked, our scheduler and worker:
     ``vllm_glimpse/engine/engine_config.py``) for our model variants.
 
@@ -197,49 +180,6 @@ def report_pruning_stats_in_front_end() -> None:
 
     _after_import("vllm.v1.engine.async_llm", use_subclass)
     _after_import("vllm.v1.engine.llm_engine", use_subclass)
-
-
-_step_budget_patch_installed = False
-
-
-def refuse_prompts_over_the_step_budget() -> None:
-    """Refuse, in the front end, a prompt longer than a GlimpsePrune engine's step budget
-    (``max_num_batched_tokens``, which may be below ``max_model_len``:
-    ``vllm_glimpse/engine/engine_config.py``, ``set_step_budget``): vLLM's scheduler, with chunked
-    prefill off, would keep such a request waiting forever, and every request behind it.
-
-    vLLM checks a prompt's length against ``max_model_len`` only, in
-    ``InputProcessor._validate_prompt_len`` (vLLM 0.32, ``v1/engine/input_processor.py``), whose
-    ``VLLMValidationError`` reaches the caller as an exception (``LLM``) or a 400 (``vllm serve``);
-    the wrap adds our bound there, with that error class.
-    """
-    global _step_budget_patch_installed
-    if _step_budget_patch_installed:
-        return
-    _step_budget_patch_installed = True
-    _after_import("vllm.v1.engine.input_processor",
-                  lambda module: _wrap_validate_prompt_len(module.InputProcessor))
-
-
-def _wrap_validate_prompt_len(processor_cls: type) -> None:
-    validate = processor_cls._validate_prompt_len
-    if getattr(validate, "_vllm_glimpse_patched", False):
-        return
-
-    @functools.wraps(validate)
-    def validate_prompt_len(self, prompt_len, prompt_type, *args, **kwargs):
-        validate(self, prompt_len, prompt_type, *args, **kwargs)
-        if prompt_type == "decoder":
-            from vllm.exceptions import VLLMValidationError
-
-            from vllm_glimpse.engine.engine_config import prompt_over_step_budget
-
-            problem = prompt_over_step_budget(self.vllm_config, prompt_len)
-            if problem is not None:
-                raise VLLMValidationError(problem)
-
-    validate_prompt_len._vllm_glimpse_patched = True
-    processor_cls._validate_prompt_len = validate_prompt_len
 
 
 # --------------------------------------------------------------------------------------------

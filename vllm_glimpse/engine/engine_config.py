@@ -6,13 +6,17 @@ only some of the engine's machinery can follow:
 * prefix caching as vLLM sets it (on by default): text-only requests cache and hit as in vanilla
   vLLM; a request with images offers only the blocks before its first image
   (:mod:`vllm_glimpse.engine.scheduler`), since its later blocks hold compacted K/V;
-* chunked prefill off: a request's images and its glimpse token (the last prompt token) must be
-  in one step, since the keep decision at layer K reads all of them and moves their K/V. So
-  ``max_num_batched_tokens`` (the step budget) is the longest prompt the engine computes: the
-  user's value when given, even below ``max_model_len`` (vLLM would refuse that with chunked
-  prefill off; here it only bounds prompts, which :func:`prompt_over_step_budget` refuses one by
-  one in the front end), else ``max_model_len`` -- vLLM's own default with chunked prefill off.
-  vLLM profiles activations for that many tokens, so the budget is what sizes them;
+* chunked prefill as vLLM sets it (on by default, ``max_num_batched_tokens`` its default): a
+  prompt longer than the step budget is computed in chunks. A chunk that reaches the request's
+  first image but not its glimpse token (the last prompt token) runs layers 0..K on its tokens
+  from the first image on and holds their layer-K state; the step that computes the glimpse
+  token decides on every image token of the request (their keys read from the paged cache),
+  compacts every layer's K/V, and runs layers K+1.. on all the survivors
+  (:mod:`vllm_glimpse.models.glimpse_lm`). Off (the user's choice, as in vLLM, or below): a
+  request's whole prompt is computed in one step, ``max_num_batched_tokens`` at least
+  ``max_model_len`` as vLLM requires then. LLaVA with a quantized KV cache runs with chunked
+  prefill (and prefix caching) off: its glimpse scores read every key of the request, which such
+  a cache cannot give back for tokens of earlier steps;
 * compiled as vLLM compiles by default (``torch.compile``; CUDA graphs on a GPU) for every step
   that does not prune. A prune step's split (layers 0..K on all tokens, the keep decision, then
   layers K+1.. on the survivors with rebuilt attention metadata) calls the decoder layers one by
@@ -39,7 +43,6 @@ cannot be told apart from vLLM's default here, so it is overridden with a warnin
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 
@@ -51,14 +54,6 @@ SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.GlimpseScheduler"
 STATS_SCHEDULER_CLS = "vllm_glimpse.engine.scheduler.pruning_stats_scheduler"
 CPU_WORKER_CLS = "vllm_glimpse.engine.cpu_worker.GlimpseCPUWorker"
 GPU_WORKER_CLS = "vllm_glimpse.engine.gpu_worker.GlimpseGPUWorker"
-
-#: ``max_num_batched_tokens`` as the user gave it to the engine arguments being turned into a
-#: config (None: not given, vLLM fills in its default), set around
-#: ``EngineArgs.create_engine_config`` by ``vllm_glimpse.patches.add_plugin_cli_flags``: the
-#: config hook below cannot tell a given value from vLLM's default otherwise.
-USER_MAX_NUM_BATCHED_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "vllm_glimpse_user_max_num_batched_tokens", default=None)
-
 
 def _set(obj, name: str, value, why: str) -> None:
     before = getattr(obj, name)
@@ -97,10 +92,18 @@ def apply_glimpse_engine_settings(vllm_config) -> None:
                        "caching off: the prune step cannot read that cache back",
                        cache.cache_dtype)
         cache.enable_prefix_caching = False
-    _set(sched, "enable_chunked_prefill", False,
-         "a request's images and glimpse token must be computed in one step")
-    set_step_budget(sched, model_config.max_model_len, USER_MAX_NUM_BATCHED_TOKENS.get())
-    sched.long_prefill_token_threshold = 0
+    if sched.enable_chunked_prefill and cache.cache_dtype != "auto" and (
+            "llava" in (model_config.hf_config.model_type or "")):
+        _set(sched, "enable_chunked_prefill", False,
+             f"LLaVA's glimpse scores read every key of the request, which kv_cache_dtype="
+             f"{cache.cache_dtype} cannot give back for tokens of earlier chunks")
+        # vLLM's own rule with chunked prefill off: a whole prompt fits in a step (as
+        # CpuPlatform.check_and_update_config does when it turns chunked prefill off for MLA).
+        budget = max(sched.max_num_batched_tokens, model_config.max_model_len)
+        sched.max_num_batched_tokens = budget
+        sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, budget)
+        sched.encoder_cache_size = max(sched.encoder_cache_size, budget)
+        sched.long_prefill_token_threshold = 0
     if sched.async_scheduling:
         raise PruningSettingsError(
             "GlimpsePrune needs async scheduling off (the scheduler must learn each pruned "
@@ -140,46 +143,6 @@ def check_cuda_graph_mode(vllm_config) -> None:
         raise PruningSettingsError(
             "GlimpsePrune does not support breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1): "
             "their replay of a prefill step would skip the prune; unset it")
-
-
-def set_step_budget(sched, max_model_len: int, user_budget: int | None) -> None:
-    """``max_num_batched_tokens`` of a GlimpsePrune engine, from what one request needs: its whole
-    prompt in one step. The user's value bounds prompts (refused beyond it, one by one:
-    :func:`prompt_over_step_budget`); without one, any prompt up to ``max_model_len`` must fit.
-    The encoder budget and cache follow: a prompt's images are all encoded in its step."""
-    if user_budget is None:
-        budget = max_model_len
-        logger.info(
-            "vllm-glimpse: GlimpsePrune sets max_num_batched_tokens=%d (was %d): a request's whole "
-            "prompt, up to max_model_len=%d tokens, is computed in one step (chunked prefill off); "
-            "vLLM profiles activations (and the prune step) for that many tokens: give "
-            "--max-num-batched-tokens (the longest prompt you serve) to keep them small",
-            budget, sched.max_num_batched_tokens, max_model_len)
-    else:
-        budget = user_budget
-        if budget < max_model_len:
-            logger.info(
-                "vllm-glimpse: GlimpsePrune keeps max_num_batched_tokens=%d: prompts up to %d "
-                "tokens are computed, each in one step (chunked prefill off); longer prompts are "
-                "refused; max_model_len=%d still bounds prompt plus output",
-                budget, budget, max_model_len)
-    sched.max_num_batched_tokens = budget
-    sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, budget)
-    sched.encoder_cache_size = max(sched.encoder_cache_size, budget)
-
-
-def prompt_over_step_budget(vllm_config, prompt_len: int) -> str | None:
-    """Why a GlimpsePrune engine cannot take a prompt of ``prompt_len`` tokens (None: it can).
-    vLLM's scheduler, with chunked prefill off, would leave such a request waiting forever."""
-    model_config = vllm_config.model_config
-    if model_config is None or pruning_config_of(model_config.hf_config).method != "glimpse":
-        return None
-    budget = vllm_config.scheduler_config.max_num_batched_tokens
-    if prompt_len <= budget:
-        return None
-    return (f"The prompt (length {prompt_len}) is longer than max_num_batched_tokens={budget}: "
-            "GlimpsePrune computes a whole prompt in one step; start the engine with a larger "
-            f"--max-num-batched-tokens (up to max_model_len={model_config.max_model_len})")
 
 
 def apply_visionzip_engine_settings(vllm_config) -> None:

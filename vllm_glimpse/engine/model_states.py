@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,13 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
 
-from vllm_glimpse.engine.plan import GlimpseStepPlan, ImageSpan, PruneRequest, PruneResult
+from vllm_glimpse.engine.plan import (
+    DeferRequest,
+    GlimpseStepPlan,
+    ImageSpan,
+    PruneRequest,
+    PruneResult,
+)
 from vllm_glimpse.models.common import keep_overrides_of
 from vllm_glimpse.settings import LOGGER_NAME
 
@@ -55,7 +62,7 @@ class _PromptToPrune:
     """A request with images whose prompt step has not run yet (it prunes in that step)."""
 
     prompt_token_ids: list[int]  # glimpse token included (the last one)
-    block_ids: list[int]  # its KV blocks (group 0): all of the prompt's, allocated with it
+    block_ids: list[int]  # its KV blocks (group 0), as the scheduler allocates them chunk by chunk
     images: list  # its image MultiModalFeatureSpecs, in prompt order
 
 
@@ -75,8 +82,9 @@ class GlimpseModelState(DefaultModelState):
 
     Per step, through the state hooks MRv2 calls in this order:
 
-    * ``preprocess_state`` (real batches only): plan the step — every request whose whole prompt
-      (glimpse token last) is computed in it and that has images;
+    * ``preprocess_state`` (real batches only): plan the step — every request with images whose
+      prompt (glimpse token last) ends in it prunes; one whose chunk covers image tokens but ends
+      before the prompt does has those rows held after layer K (chunked prefill);
     * ``prepare_attn``: keep its arguments, to rebuild the metadata of the layers after K for the
       survivors (:meth:`_switch_attention`, called by the model in the middle of its forward);
     * ``prepare_inputs``: hand the plan to the model; 1-D RoPE models (LLaVA) get pruned requests'
@@ -113,11 +121,22 @@ class GlimpseModelState(DefaultModelState):
             prompt = list(new_req_data.prefill_token_ids[:new_req_data.prompt_len])
             self.to_prune[req_id] = _PromptToPrune(prompt, list(new_req_data.block_ids[0]), images)
 
+    def begin_step(self, scheduler_output) -> bool:
+        """Before the runner's step: note the blocks it adds to requests that will prune (MRv2
+        hands them to its block tables only, on the device; the prune step needs them on the
+        host), and say whether the step may split its forward at layer K (:meth:`prunes_in`)."""
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
+            pending = self.to_prune.get(req_id)
+            if pending is not None and new_blocks is not None:
+                pending.block_ids.extend(new_blocks[0])
+        return self.prunes_in(scheduler_output)
+
     def prunes_in(self, scheduler_output) -> bool:
-        """Whether a step prunes, from its scheduler output alone (the runner dispatches the
-        batch's CUDA-graph mode before any state hook runs, even ``add_request``): it schedules a
-        request that will prune, new in it (its whole prompt is in the step: chunked prefill is
-        off) or recorded before."""
+        """Whether a step may prune or hold a chunk's rows (it splits the forward at layer K),
+        from its scheduler output alone (the runner dispatches the batch's CUDA-graph mode before
+        any state hook runs, even ``add_request``): it schedules a request that will prune, new
+        in it or recorded before."""
         scheduled = scheduler_output.num_scheduled_tokens
         return (any(_images_to_prune(new) for new in scheduler_output.scheduled_new_reqs)
                 or any(req_id in scheduled for req_id in self.to_prune))
@@ -126,6 +145,9 @@ class GlimpseModelState(DefaultModelState):
         super().remove_request(req_id)
         self.to_prune.pop(req_id, None)
         self.position_offsets.pop(req_id, None)
+        # Finished or preempted (a preempted request comes back through add_request and
+        # recomputes its chunks).
+        self.model.glimpse_release(req_id)
 
     def initialize_kv_cache(self, kv_cache_config, block_tables) -> None:
         super().initialize_kv_cache(kv_cache_config, block_tables)
@@ -139,30 +161,39 @@ class GlimpseModelState(DefaultModelState):
         self._batch, self.plan, self._attn_args = input_batch, None, None
         if not self.to_prune:
             return
-        requests = []
+        requests, deferred = [], []
         for i, req_id in enumerate(input_batch.req_ids):
             pending = self.to_prune.get(req_id)
             if pending is None:
                 continue
             computed = int(input_batch.num_computed_tokens_np[i])
+            scheduled = int(input_batch.num_scheduled_tokens[i])
             P = len(pending.prompt_token_ids)
-            if computed + int(input_batch.num_scheduled_tokens[i]) != P:
-                continue  # its prompt does not end in this step
-            del self.to_prune[req_id]
-            self._prompts[req_id] = pending.prompt_token_ids
+            first_image = pending.images[0].mm_position.offset
+            if computed + scheduled <= first_image:
+                continue  # a chunk before its first image: an ordinary prefill
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length,
                                self.model.glimpse_image_grid(f)) for f in pending.images]
+            row_start = int(input_batch.query_start_loc_np[i])
+            if computed + scheduled < P:
+                deferred.append(DeferRequest(
+                    req_id=req_id, batch_index=i, row_start=row_start, num_computed=computed,
+                    num_scheduled=scheduled, first_image=first_image, images=spans))
+                continue
+            del self.to_prune[req_id]
+            self._prompts[req_id] = pending.prompt_token_ids
             requests.append(PruneRequest(
-                req_id=req_id, batch_index=i, row_start=int(input_batch.query_start_loc_np[i]),
+                req_id=req_id, batch_index=i, row_start=row_start,
                 num_prompt_tokens=P, images=spans, block_ids=pending.block_ids,
-                keep_overrides=keep_overrides_of(pending.images[0]), num_computed=computed))
-        if not requests:
+                keep_overrides=keep_overrides_of(pending.images[0]), num_computed=computed,
+                num_deferred=max(0, computed - first_image)))
+        if not requests and not deferred:
             return
         if len(kv_cache_config.kv_cache_groups) != 1:
             raise RuntimeError("vllm-glimpse: GlimpsePrune supports models with one KV cache group")
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.plan = GlimpseStepPlan(requests=requests, block_size=block_size,
-                                    switch_attention=self._switch_attention)
+                                    switch_attention=self._switch_attention, deferred=deferred)
 
     def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
                      kv_cache_config, *args, **kwargs):
@@ -189,36 +220,44 @@ class GlimpseModelState(DefaultModelState):
 
     # ---- during the forward: layers after K on the survivors ------------------------------------
 
-    def _switch_attention(self, layer_names: list[str], removed: dict[int, int],
+    def _switch_attention(self, layer_names: list[str], lengths: dict[int, tuple[int, int]],
                           slot_mapping: torch.Tensor, num_tokens: int,
-                          survivors: torch.Tensor) -> None:
+                          survivor_positions: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Point ``layer_names`` at attention metadata for the batch after pruning: request ``i``
-        lost ``removed[i]`` query tokens (and as many from its sequence). Built by vLLM's own
-        ``prepare_attn`` on the step's batch with those lengths."""
+        has ``lengths[i]`` = (query length, sequence length) there; ``survivor_positions`` maps
+        the step's token positions to the survivors'. Built by vLLM's own ``prepare_attn`` on the
+        step's batch with those lengths."""
         batch = self._batch
         block_tables, slot_mappings, attn_groups, kv_cache_config = self._attn_args
         n = batch.num_reqs
-        cut = np.zeros(n, dtype=np.int64)
-        for i, count in removed.items():
-            cut[i] = count
-        query_lens = np.diff(batch.query_start_loc_np[:n + 1]).astype(np.int64) - cut
+        query_lens = np.diff(batch.query_start_loc_np[:n + 1]).astype(np.int64)
+        # the change of each request's sequence length, as of its query length
+        change = np.zeros(n, dtype=np.int64)
+        seq_change = np.zeros(n, dtype=np.int64)
+        upper_np = batch.seq_lens_cpu_upper_bound[:n].numpy()
+        for i, (query_len, seq_len) in lengths.items():
+            change[i] = query_len - query_lens[i]
+            seq_change[i] = seq_len - int(upper_np[i])
+        query_lens = query_lens + change
         starts_np = np.zeros_like(batch.query_start_loc_np)
         starts_np[1:n + 1] = np.cumsum(query_lens)
         starts_np[n + 1:] = starts_np[n]
         device = batch.query_start_loc.device
-        cut_cpu = torch.from_numpy(cut)
+        seq_change_cpu = torch.from_numpy(seq_change)
         seq_lens = batch.seq_lens.clone()
-        seq_lens[:n] -= cut_cpu.to(device=device, dtype=seq_lens.dtype)
+        seq_lens[:n] += seq_change_cpu.to(device=device, dtype=seq_lens.dtype)
         upper = batch.seq_lens_cpu_upper_bound.clone()
-        upper[:n] -= cut_cpu.to(upper.dtype)
-        new_slots = slot_mappings[:, :num_tokens].clone()  # one KV cache group (planned so)
-        new_slots[0] = slot_mapping
+        upper[:n] += seq_change_cpu.to(upper.dtype)
+        # One KV cache group (planned so). The survivors can outnumber the step's tokens (rows
+        # held from earlier chunks join them), so the mapping is not a slice of the step's.
+        new_slots = slot_mapping.to(slot_mappings.dtype).unsqueeze(0)
         survivors_batch = dataclasses.replace(
             batch, num_tokens=num_tokens, num_tokens_after_padding=num_tokens,
             num_scheduled_tokens=query_lens.astype(batch.num_scheduled_tokens.dtype),
             query_start_loc=torch.from_numpy(starts_np).to(device),
             query_start_loc_np=starts_np, seq_lens=seq_lens, seq_lens_cpu_upper_bound=upper,
-            positions=batch.positions[survivors], max_query_len=int(query_lens.max()))
+            positions=survivor_positions(batch.positions[:batch.num_tokens]),
+            max_query_len=int(query_lens.max()))
         metadata = super().prepare_attn(survivors_batch, CUDAGraphMode.NONE, block_tables,
                                         new_slots, attn_groups, kv_cache_config)
         context = get_forward_context()

@@ -1,10 +1,19 @@
 """What the runner and the model exchange in a step that prunes.
 
-The runner builds a :class:`GlimpseStepPlan` before the forward: for every request whose prefill
-ends in this step and that has images, a :class:`PruneRequest` naming its rows in the batch. The
-step computes prompt tokens ``num_computed..P-1`` of it: the first ``num_computed`` came from the
-prefix cache (every one before the first image: blocks that hold image tokens are never cached,
-:mod:`vllm_glimpse.engine.scheduler`), their K/V already in the paged cache.
+The runner builds a :class:`GlimpseStepPlan` before the forward:
+
+* for every request with images whose prompt ends in this step, a :class:`PruneRequest` naming
+  its rows in the batch. The step computes prompt tokens ``num_computed..P-1`` of it. Of the
+  tokens computed before: those before the first image came from the prefix cache (blocks that
+  hold image tokens are never cached, :mod:`vllm_glimpse.engine.scheduler`) or from earlier
+  chunks, and ran every layer; the last ``num_deferred`` (from the first image on) came from
+  earlier chunks of a chunked prefill and ran layers 0..K only (:class:`DeferRequest`);
+* for every request with images whose prompt does not end in this step but whose chunk reaches
+  its first image, a :class:`DeferRequest`: its rows from the first image on run layers 0..K and
+  wait, their layer-K state held by the model, for the step that computes the glimpse token.
+  Layers K+1.. of every token after the first image depend on the keep decision, which needs the
+  glimpse token (the prompt's last).
+
 The model runs layers 0..K, decides, moves the KV, and records one :class:`PruneResult` per
 request; the runner reads them after sampling to shrink the request's state.
 """
@@ -42,7 +51,8 @@ class PruneRequest:
     images: list[ImageSpan]
     block_ids: list[int]  # its KV blocks (group 0), in order
     keep_overrides: GlimpseSettings | None = None  # the request's own keep-rule knobs
-    num_computed: int = 0  # prompt tokens computed before this step (prefix-cache hits)
+    num_computed: int = 0  # prompt tokens computed before this step
+    num_deferred: int = 0  # the last of them, from the first image on: through layer K only
 
     @property
     def token_row0(self) -> int:
@@ -53,6 +63,37 @@ class PruneRequest:
     @property
     def glimpse_row(self) -> int:
         return self.token_row0 + self.num_prompt_tokens - 1
+
+
+@dataclass
+class DeferRequest:
+    """A chunk of a prompt with images that reaches its first image but not the glimpse token:
+    tokens ``first_deferred..num_computed + num_scheduled - 1`` (rows ``deferred_rows``) run
+    layers 0..K only and are held by the model until the step that prunes the request."""
+
+    req_id: str
+    batch_index: int
+    row_start: int  # the chunk's first token's row in this step's flattened batch
+    num_computed: int  # prompt tokens computed before this step
+    num_scheduled: int  # tokens of the chunk
+    first_image: int  # the first image token's index in the prompt
+    images: list[ImageSpan]
+
+    @property
+    def first_deferred(self) -> int:
+        return max(self.num_computed, self.first_image)
+
+    @property
+    def deferred_rows(self) -> range:
+        return range(self.row_start + self.first_deferred - self.num_computed,
+                     self.row_start + self.num_scheduled)
+
+    @property
+    def lengths_after_k(self) -> tuple[int, int]:
+        """(query length, sequence length) of the request in layers K+1..: the chunk's tokens
+        before the first image, over the tokens before it."""
+        end = min(self.num_computed + self.num_scheduled, self.first_image)
+        return max(0, end - self.num_computed), end
 
 
 @dataclass
@@ -77,6 +118,8 @@ class GlimpseStepPlan:
 
     requests: list[PruneRequest]
     block_size: int
-    # (layer names, {batch index: rows removed}, survivors' slot mapping, their count, their rows)
+    # (layer names, {batch index: (query length, sequence length)} of the requests whose lengths
+    # change, the survivors' slot mapping, their count, their 1-D token positions)
     switch_attention: Callable[..., None]
+    deferred: list[DeferRequest] = field(default_factory=list)
     results: dict[str, PruneResult] = field(default_factory=dict)

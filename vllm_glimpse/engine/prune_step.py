@@ -161,6 +161,53 @@ def build_prune_batch(plan: GlimpseStepPlan, rules: Sequence[KeepRule], device) 
     )
 
 
+class StepRows:
+    """The rows the prune step works on after layer K: the step's own rows with, in front of a
+    pruning request's first row, the rows held for it from earlier chunks of a chunked prefill
+    (tokens ``first..first + count - 1``, computed through layer K in those steps). Row numbers
+    of the plan's requests in this layout are what :func:`build_prune_batch` and :func:`decide`
+    see; nothing changes for a step without held rows."""
+
+    def __init__(self, num_step_rows: int, insertions: Sequence[tuple[int, int, int]],
+                 device) -> None:
+        """``insertions``: (step row before which, first token, count), in row order."""
+        self.num_step_rows = num_step_rows
+        self.insertions = [(r, f, n) for r, f, n in insertions if n > 0]
+        shift = np.zeros(num_step_rows, dtype=np.int64)
+        for r, _, n in self.insertions:
+            shift[r:] += n
+        self.ext_of_step_np = np.arange(num_step_rows, dtype=np.int64) + shift
+        self.num_rows = num_step_rows + sum(n for _, _, n in self.insertions)
+        self.ext_of_step = _to(device, self.ext_of_step_np, torch.long)
+
+    @property
+    def has_held(self) -> bool:
+        return bool(self.insertions)
+
+    def held_row_starts(self) -> list[int]:
+        """The row of each insertion's first held token."""
+        return [int(self.ext_of_step_np[r]) - n for r, _, n in self.insertions]
+
+    def insert(self, step: torch.Tensor, held: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """The step's rows (along ``dim``) with ``held[i]`` in front of insertion i's row."""
+        if not self.insertions:
+            return step
+        step = step.narrow(dim, 0, self.num_step_rows)
+        pieces, prev = [], 0
+        for (r, _, _), rows in zip(self.insertions, held, strict=True):
+            pieces += [step.narrow(dim, prev, r - prev), rows.to(step.dtype)]
+            prev = r
+        pieces.append(step.narrow(dim, prev, self.num_step_rows - prev))
+        return torch.cat(pieces, dim)
+
+    def token_positions(self, step_positions: torch.Tensor) -> torch.Tensor:
+        """1-D token positions in this layout, from the step's (the held rows' are their token
+        indices, as for any prefill row)."""
+        held = [torch.arange(f, f + n, device=step_positions.device, dtype=step_positions.dtype)
+                for _, f, n in self.insertions]
+        return self.insert(step_positions, held)
+
+
 @dataclass
 class PruneDecision:
     """Who survives, on the host (after the step's one synchronisation) and on the device."""
@@ -176,9 +223,10 @@ class PruneDecision:
 
 
 def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
-           backend: str = "auto") -> PruneDecision:
+           dropped_rows: torch.Tensor | None = None, backend: str = "auto") -> PruneDecision:
     """The keep rule on every request, then the survivors and their new slots (see the module
-    docstring for the one host synchronisation)."""
+    docstring for the one host synchronisation). ``dropped_rows``: rows of other requests that
+    do not go on either (chunks held after layer K)."""
     from vllm_glimpse.kernels.glimpse_triton import keep_and_compact
 
     device = vip_logits.device
@@ -201,6 +249,8 @@ def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
     # The sampler reads the last real token's hidden state: it always stays (the authors'
     # prompts end with text; this matters only for a prompt ending in an image token).
     keep_rows[batch.last_rows] = True
+    if dropped_rows is not None and dropped_rows.numel():
+        keep_rows[dropped_rows] = False
     num_images = len(batch.images_per_request) and sum(batch.images_per_request)
     per_image = torch.zeros(num_images, dtype=torch.int32, device=device).index_add_(
         0, batch.image_id, keep_rows[batch.image_rows].int())
@@ -216,8 +266,8 @@ def decide(batch: PruneBatch, vip_logits: torch.Tensor, num_tokens: int, *,
     bs = batch.block_size
     for b in range(B):  # host bookkeeping on the copied counts (no device work)
         start, P, c = int(batch.row_starts[b]), int(batch.num_prompt[b]), int(batch.num_computed[b])
-        # Tokens computed in earlier steps (prefix-cache hits, all before the first image) stay,
-        # at their slots; the step's rows are tokens c..P-1.
+        # Tokens computed in earlier steps through every layer (prefix-cache hits and earlier
+        # chunks, all before the first image) stay, at their slots; the rows are tokens c..P-1.
         stepped = c + np.nonzero(keep_host[start + c:start + P - 1])[0]
         local = np.concatenate([np.arange(c, dtype=np.int64), stepped])
         n_img = batch.images_per_request[b]

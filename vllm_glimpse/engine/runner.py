@@ -7,6 +7,10 @@ imports neither, so that a GPU process never loads vLLM's CPU worker modules (im
 ``vllm.v1.worker.cpu_worker`` replaces ``torch.cuda.Event``, ``torch.cuda.Stream`` and the
 accelerator memory queries with CPU stand-ins for the whole process).
 
+A request with images whose prompt ends in a step prunes there; with chunked prefill, its
+earlier chunks run its image rows through layer K only and the model holds them until then
+(:class:`~vllm_glimpse.engine.plan.DeferRequest`).
+
 After a request is pruned from P prompt tokens (glimpse token included) to P' survivors:
 
 * its prompt is the survivors' token ids; its first P' cache slots hold their K/V; its block
@@ -34,6 +38,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_glimpse.engine.plan import (
     OUTPUT_ATTR,
+    DeferRequest,
     GlimpseStepPlan,
     ImageSpan,
     PruneRequest,
@@ -75,12 +80,17 @@ class GlimpseRunnerMixin:
 
     def _update_states(self, scheduler_output):
         state = self._glimpse_state()
+        model = self._glimpse_model
         for req_id in scheduler_output.finished_req_ids:
             state["originals"].pop(req_id, None)
             state["offsets"].pop(req_id, None)
+            if model is not None:
+                model.glimpse_release(req_id)
         # A pruned request the scheduler preempted comes back to be recomputed from its
         # original prompt (the scheduler has restored the same on its side).
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            if model is not None:  # its chunks held before preemption are recomputed
+                model.glimpse_release(req_id)
             original = state["originals"].pop(req_id, None)
             if original is None:
                 continue
@@ -113,31 +123,39 @@ class GlimpseRunnerMixin:
         return out
 
     def _plan_step(self, model, num_scheduled_tokens: np.ndarray, starts: np.ndarray):
-        requests = []
+        requests, deferred = [], []
         for i, req_id in enumerate(self.input_batch.req_ids):
             req_state = self.requests[req_id]
             images = [f for f in req_state.mm_features if f.modality == "image"]
             if not images:
                 continue
             computed = int(self.input_batch.num_computed_tokens_cpu[i])
-            if computed + int(num_scheduled_tokens[i]) != req_state.num_prompt_tokens:
-                continue  # its prefill does not end in this step
-            # (computed > 0: prefix-cache hits, all before its first image)
+            scheduled = int(num_scheduled_tokens[i])
+            images.sort(key=lambda f: f.mm_position.offset)
+            first_image = images[0].mm_position.offset
+            if computed + scheduled <= first_image:
+                continue  # a chunk before its first image: an ordinary prefill
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, model.glimpse_image_grid(f))
-                     for f in sorted(images, key=lambda f: f.mm_position.offset)]
+                     for f in images]
+            if computed + scheduled < req_state.num_prompt_tokens:
+                deferred.append(DeferRequest(
+                    req_id=req_id, batch_index=i, row_start=int(starts[i]), num_computed=computed,
+                    num_scheduled=scheduled, first_image=first_image, images=spans))
+                continue
             requests.append(PruneRequest(
                 req_id=req_id, batch_index=i, row_start=int(starts[i]),
                 num_prompt_tokens=req_state.num_prompt_tokens, images=spans,
                 block_ids=list(req_state.block_ids[0]),
                 keep_overrides=keep_overrides_of(images[0]), num_computed=computed,
+                num_deferred=max(0, computed - first_image),
             ))
-        if not requests:
+        if not requests and not deferred:
             return None
         if len(self.kv_cache_config.kv_cache_groups) != 1:
             raise RuntimeError("vllm-glimpse: GlimpsePrune supports models with one KV cache group")
         block_size = self.input_batch.block_table[0].block_size
         return GlimpseStepPlan(requests=requests, block_size=block_size,
-                               switch_attention=self._switch_attention)
+                               switch_attention=self._switch_attention, deferred=deferred)
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         """A prune step runs eagerly: no CUDA graph, no padding to a capture size (it syncs with
@@ -149,20 +167,20 @@ class GlimpseRunnerMixin:
 
     # ---- during the forward --------------------------------------------------------------------
 
-    def _switch_attention(self, layer_names: list[str], removed: dict[int, int],
+    def _switch_attention(self, layer_names: list[str], lengths: dict[int, tuple[int, int]],
                           slot_mapping: torch.Tensor, num_tokens: int,
-                          survivors: torch.Tensor | None = None) -> None:
+                          survivor_positions=None) -> None:
         """Point ``layer_names`` at attention metadata for the batch after pruning: request
-        ``i`` lost ``removed[i]`` query tokens (and as many from its sequence). (``survivors``,
-        the rows that go on, is for MRv2's metadata, which carries positions; V1's does not.)"""
+        ``i`` has ``lengths[i]`` = (query length, sequence length) there. (``survivor_positions``
+        is for MRv2's metadata, which carries positions; V1's does not.)"""
         num_reqs = self.input_batch.num_reqs
         query_start = self.query_start_loc.cpu[: num_reqs + 1].clone()
         query_lens = query_start.diff()
         seq_lens = (self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs].to(query_lens.dtype)
                     + query_lens)
-        for i, n in removed.items():
-            query_lens[i] -= n
-            seq_lens[i] -= n
+        for i, (query_len, seq_len) in lengths.items():
+            query_lens[i] = query_len
+            seq_lens[i] = seq_len
         query_start[1:] = torch.cumsum(query_lens, 0)
         device = self.query_start_loc.gpu.device
         cm = CommonAttentionMetadata(

@@ -50,8 +50,8 @@ class GlimpseRunnerV2Mixin:
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         state = self.model_state
-        if (not kwargs.get("dummy_run", False) and hasattr(state, "prunes_in")
-                and state.prunes_in(scheduler_output)):
+        if (not kwargs.get("dummy_run", False) and hasattr(state, "begin_step")
+                and state.begin_step(scheduler_output)):
             # In a real step, ``is_profile`` only makes vLLM dispatch the batch eagerly
             # (``need_eager`` of ``dispatch_cg_and_sync_dp``), as for its profile run: checked for
             # vLLM 0.32-0.34 by tests/test_vllm_versions.py.

@@ -26,8 +26,11 @@ unchanged: they are part of the same batch, only their row numbers shift.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
 
@@ -35,6 +38,7 @@ from vllm_glimpse.engine.kv import AttentionRecorder, PagedKV, move_kv
 from vllm_glimpse.engine.plan import GlimpseStepPlan
 from vllm_glimpse.engine.prune_step import (
     PruneBatch,
+    StepRows,
     build_prune_batch,
     decide,
     glimpse_layer_logits,
@@ -60,12 +64,18 @@ class GlimpseModelMixin:
         config = pruning_config_of(hf_config)
         self.glimpse_settings = config.glimpse if config.method == "glimpse" else None
         self.glimpse_plan = None
+        # With chunked prefill, a prune step also works on the rows held from earlier chunks: up
+        # to a whole prompt of max_model_len tokens (memory profiling reserves for it).
+        sched = vllm_config.scheduler_config
+        self.__dict__["_glimpse_longest_prompt"] = (
+            vllm_config.model_config.max_model_len if sched.enable_chunked_prefill else 0)
         # Not nn.Module attributes: the predictor is loaded from its own checkpoint, after
         # vLLM's loader has checked that every registered parameter came from the model's.
         self.__dict__["_glimpse"] = None
         self.__dict__["_glimpse_recorders"] = []
         self.__dict__["_glimpse_conds"] = None
         self.__dict__["_glimpse_paged_kv"] = {}  # block size -> [PagedKV] of layers 0..K
+        self.__dict__["_glimpse_held"] = {}  # req_id -> _HeldRows (chunked prefill)
 
     def get_model_state_cls(self) -> type:
         """Model Runner V2 asks the model for its state class (``vllm_glimpse.engine.
@@ -134,7 +144,13 @@ class GlimpseModelMixin:
         activated half together (3 x intermediate values per token), which the dummy forward
         already reached. Where the cache cannot be read back (any backend but FlashAttention,
         before the cache exists to be probed) the K/V of layers 0..K held during the step are
-        counted in full, as they live across those MLPs."""
+        counted in full, as they live across those MLPs.
+
+        With chunked prefill the prune step works on up to a whole prompt (``max_model_len``
+        tokens: the step's and those held from earlier chunks), and a prompt's held rows (hidden
+        state, residual, vision conditions; K/V of layers 0..K where the cache cannot be read
+        back) live between steps: one prompt's worth is added. (Several long prompts part-way
+        through their prefill at once hold more.)"""
         if not self.glimpse_enabled or self.glimpse_checkpoint is None:
             return 0
         cfg = self.glimpse_checkpoint.config
@@ -145,14 +161,21 @@ class GlimpseModelMixin:
         elem = weight.element_size()
         readable = (type(attn.impl).__name__ == "FlashAttentionImpl"
                     and attn.impl.kv_cache_dtype == "auto")
-        peak = prune_step_peak_bytes(num_tokens, cfg, num_kv_heads=attn.num_kv_heads,
+        longest = self.__dict__.get("_glimpse_longest_prompt", 0)
+        prune_tokens = max(num_tokens, longest)
+        peak = prune_step_peak_bytes(prune_tokens, cfg, num_kv_heads=attn.num_kv_heads,
                                      head_size=attn.head_size, elem_size=elem,
                                      kv_recorded=not readable,
                                      row_chunk=None if weight.is_cuda else VIP_CHUNK_ROWS)
-        held = 0 if readable else (cfg.reduce_layer + 1) * num_tokens * 2 * attn.num_kv_heads \
-            * attn.head_size * elem
+        kv_per_token = (cfg.reduce_layer + 1) * 2 * attn.num_kv_heads * attn.head_size * elem
+        held = 0 if readable else prune_tokens * kv_per_token
         mlp = num_tokens * 3 * text.intermediate_size * elem
-        return max(held, peak - mlp)
+        rows_held = 0
+        if longest:
+            cond = len(cfg.selected_visual_layers) * cfg.vision_hidden_size
+            rows_held = longest * ((2 * text.hidden_size + cond) * elem
+                                   + (0 if readable else kv_per_token))
+        return rows_held + max(held, peak - mlp)
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -188,11 +211,16 @@ class GlimpseModelMixin:
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         plan = self.glimpse_plan
-        if plan is None or not plan.requests:
+        if plan is None or not (plan.requests or plan.deferred):
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if inputs_embeds is None:
             raise RuntimeError("GlimpsePrune needs the runner to pass input embeddings")
         return self._glimpse_forward(plan, positions, inputs_embeds)
+
+    def glimpse_release(self, req_id: str) -> None:
+        """Forget the rows held for a request (it finished, or was preempted: it recomputes)."""
+        if self.glimpse_enabled:
+            self.__dict__["_glimpse_held"].pop(req_id, None)
 
     def _glimpse_forward(self, plan: GlimpseStepPlan, positions: torch.Tensor,
                          inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -202,60 +230,79 @@ class GlimpseModelMixin:
         K = cfg.reduce_layer
         num_tokens = inputs_embeds.shape[0]
         device = inputs_embeds.device
-        rules = [cfg.keep_rule if r.keep_overrides is None else
-                 request_keep_rule(cfg, r.keep_overrides) for r in plan.requests]
-        batch = build_prune_batch(plan, rules, device)
         paged = self._glimpse_layers_kv(plan.block_size)
+        step_glimpse_rows = torch.tensor(
+            [r.row_start + r.num_prompt_tokens - 1 - r.num_computed for r in plan.requests],
+            dtype=torch.long).to(device, non_blocking=True)
 
         # 1-2. the glimpse token, layers 0..K on every token; kept from them: the glimpse rows'
         # queries of the selected layers (K/V only where the cache cannot be read back)
         hidden = inputs_embeds.clone()
-        hidden[batch.glimpse_rows] = predictor.glimpse_embedding(0).to(hidden.dtype)
+        if plan.requests:
+            hidden[step_glimpse_rows] = predictor.glimpse_embedding(0).to(hidden.dtype)
         residual = None
         recorders = self.__dict__["_glimpse_recorders"]
         for idx, rec in enumerate(recorders):
-            rec.query_rows = batch.glimpse_rows if idx in cfg.selected_layers else None
+            selected = bool(plan.requests) and idx in cfg.selected_layers
+            rec.query_rows = step_glimpse_rows if selected else None
             rec.keep_kv = not paged[idx].readable
             rec.active = True
         try:
             for idx in range(K + 1):
-                if idx > 0:
+                if idx > 0 and plan.requests:
                     add = predictor.glimpse_embedding(idx)
                     if add is not None:
-                        hidden[batch.glimpse_rows] += add.to(hidden.dtype)
+                        hidden[step_glimpse_rows] += add.to(hidden.dtype)
                 hidden, residual = lm.layers[idx](positions, hidden, residual)
         finally:
             for rec in recorders:
                 rec.active = False
 
         try:
-            # 3. the keep decision for every request at once
-            attn_input = self._glimpse_vip_attention_input(plan, batch, recorders, paged, cfg)
-            vip_logits = self._glimpse_vip_logits(plan, batch, attn_input, predictor, num_tokens)
-            # Tensor parallel: one decision for all ranks (each compacts its own KV heads).
-            vip_logits = same_on_all_ranks(vip_logits)
-            del attn_input
-            decision = decide(batch, vip_logits, num_tokens)
-            for req, result, nonfinite in zip(plan.requests, decision.results, decision.nonfinite):
-                plan.results[req.req_id] = result
-                if nonfinite:  # a broken checkpoint must not take the engine down
-                    logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; "
-                                   "keeping all %d image tokens", req.req_id,
-                                   result.image_tokens_before)
-
-            # 4. K/V of layers 0..K to compacted slots; layers K+1.. on the survivors
-            move_kv(paged, recorders, decision.old_slots, decision.new_slots, decision.moved_rows)
+            # chunks that stop before their glimpse token: rows from the first image on wait
+            self._glimpse_hold(plan, hidden, residual, positions, recorders, paged, num_tokens)
+            rows, held = self._glimpse_step_rows(plan, num_tokens, device)
+            dropped = rows.ext_of_step[_deferred_rows(plan, device)]
+            if plan.requests:
+                hidden = rows.insert(hidden, [h.cat("hidden") for h in held])
+                residual = rows.insert(residual, [h.cat("residual") for h in held])
+                positions = rows.insert(positions, [h.cat("positions") for h in held], dim=-1)
+                for layer, rec in enumerate(recorders):
+                    if rec.keep_kv:
+                        rec.key = rows.insert(rec.key.view(num_tokens, -1),
+                                              [h.cat_kv("keys", layer) for h in held])
+                        rec.value = rows.insert(rec.value.view(num_tokens, -1),
+                                                [h.cat_kv("values", layer) for h in held])
+                decision, last_rows = self._glimpse_decide(plan, rows, held, recorders, paged,
+                                                           cfg, predictor, dropped)
+                keep_rows, survivors = decision.keep_rows, decision.survivors
+                lengths = {req.batch_index: (result.num_kept - (req.num_computed - req.num_deferred),
+                                             result.num_kept)
+                           for req, result in zip(plan.requests, decision.results)}
+            else:
+                keep = np.ones(num_tokens, dtype=bool)
+                for req in plan.deferred:
+                    keep[req.deferred_rows.start:req.deferred_rows.stop] = False
+                keep_rows = torch.from_numpy(keep).to(device, non_blocking=True)
+                survivors = torch.from_numpy(np.nonzero(keep)[0]).to(device, non_blocking=True)
+                lengths = {}
+                decision = None
         finally:
             for rec in recorders:
                 rec.clear()
-        survivors = decision.survivors
+        lengths.update({req.batch_index: req.lengths_after_k for req in plan.deferred})
+
+        # 4. layers K+1.. on the survivors, with attention metadata for their lengths
+        if survivors.numel() == 0:  # a step of held chunks only: nothing runs on, none sampled
+            return hidden.new_zeros(num_tokens, hidden.shape[-1])
         layer_names = [layer.self_attn.attn.layer_name for layer in lm.layers[K + 1:]]
-        slot_mapping = get_forward_context().slot_mapping[layer_names[0]][:num_tokens]
-        new_slots = slot_mapping[survivors].clone()
-        new_slots[decision.moved_survivor_index] = decision.new_slots.to(new_slots.dtype)
-        removed = {req.batch_index: req.num_prompt_tokens - result.num_kept
-                   for req, result in zip(plan.requests, decision.results)}
-        plan.switch_attention(layer_names, removed, new_slots, int(survivors.numel()), survivors)
+        step_slots = get_forward_context().slot_mapping[layer_names[0]][:num_tokens]
+        slots = rows.insert(step_slots, [step_slots.new_zeros(n) for _, _, n in rows.insertions])
+        new_slots = slots[survivors].clone()
+        if decision is not None:
+            new_slots[decision.moved_survivor_index] = decision.new_slots.to(new_slots.dtype)
+        plan.switch_attention(layer_names, lengths, new_slots, int(survivors.numel()),
+                              lambda step_positions: rows.token_positions(step_positions)[survivors])
 
         hidden, residual = hidden[survivors], residual[survivors]
         positions = positions[..., survivors]
@@ -263,12 +310,168 @@ class GlimpseModelMixin:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
 
-        # 5. back to the step's rows; the sampler reads each request's last scheduled row
-        out = hidden.new_zeros(num_tokens, hidden.shape[-1])
+        # 5. back to the step's rows; the sampler reads each request's last scheduled row (a
+        # held chunk's is never sampled: its prefill goes on)
+        out = hidden.new_zeros(rows.num_rows, hidden.shape[-1])
         out[survivors] = hidden
-        new_index = torch.cumsum(decision.keep_rows.long(), 0) - 1  # old row -> survivor row
-        out[batch.glimpse_rows] = hidden[new_index[batch.last_rows]]
+        out = out[rows.ext_of_step]
+        if decision is not None:
+            new_index = torch.cumsum(keep_rows.long(), 0) - 1  # row -> survivor row
+            out[step_glimpse_rows] = hidden[new_index[last_rows]]
         return out
+
+    def _glimpse_decide(self, plan: GlimpseStepPlan, rows: StepRows, held: list[_HeldRows],
+                        recorders, paged, cfg, predictor, dropped: torch.Tensor):
+        """3. the keep decision for every pruning request at once, on the rows after layer K
+        (``rows``: the step's, with the rows held from earlier chunks), and the survivors' K/V
+        of layers 0..K moved to compacted slots."""
+        device = dropped.device
+        rules = [cfg.keep_rule if r.keep_overrides is None else
+                 request_keep_rule(cfg, r.keep_overrides) for r in plan.requests]
+        starts = rows.held_row_starts()
+        k = 0
+        requests = []
+        for req in plan.requests:  # the plan's requests with their rows in this layout
+            if req.num_deferred:
+                row_start = starts[k]
+                k += 1
+            else:
+                row_start = int(rows.ext_of_step_np[req.row_start])
+            requests.append(dataclasses.replace(
+                req, row_start=row_start, num_computed=req.num_computed - req.num_deferred,
+                num_deferred=0))
+        batch = build_prune_batch(dataclasses.replace(plan, requests=requests), rules, device)
+        attn_input = self._glimpse_vip_attention_input(plan, batch, recorders, paged, cfg)
+        features = self._glimpse_condition_features(plan, batch, rows, held, requests)
+        grids = [s.grid_hw for r in plan.requests for s in r.images]
+        dtype = next(predictor.parameters()).dtype
+        # ONE VIP call for every image of every pruning request: attention inside the VIP stays
+        # within each image, so concatenating requests changes nothing.
+        vip_logits = predictor(attn_input.to(dtype), features, grids)
+        # Tensor parallel: one decision for all ranks (each compacts its own KV heads).
+        vip_logits = same_on_all_ranks(vip_logits)
+        del attn_input
+        decision = decide(batch, vip_logits, rows.num_rows, dropped_rows=dropped)
+        for req, result, nonfinite in zip(plan.requests, decision.results, decision.nonfinite):
+            plan.results[req.req_id] = result
+            if nonfinite:  # a broken checkpoint must not take the engine down
+                logger.warning("vllm-glimpse: request %s: the VIP gave non-finite logits; "
+                               "keeping all %d image tokens", req.req_id,
+                               result.image_tokens_before)
+        move_kv(paged, recorders, decision.old_slots, decision.new_slots, decision.moved_rows)
+        return decision, batch.last_rows
+
+    # ---- chunked prefill: rows held between steps -------------------------------------------
+
+    def _glimpse_hold(self, plan: GlimpseStepPlan, hidden, residual, positions, recorders,
+                      paged, num_tokens: int) -> None:
+        """Keep, for each chunk that reaches its request's first image but not its glimpse
+        token, the layer-K state of its rows from the first image on (hidden state, residual,
+        positions; the image tokens' vision conditions; K/V where the cache cannot be read
+        back), to join the step that prunes the request."""
+        if not plan.deferred:
+            return
+        store = self.__dict__["_glimpse_held"]
+        device = hidden.device
+        conds = self.__dict__["_glimpse_conds"]
+        rank = all_conds = None
+        for req in plan.deferred:
+            first = req.first_deferred
+            held = store.get(req.req_id)
+            if first == req.first_image:  # the chunk that reaches the first image starts afresh
+                held = store[req.req_id] = _HeldRows(first_token=first)
+            elif held is None or held.first_token + held.num_tokens != first:
+                have = "none" if held is None else \
+                    f"tokens {held.first_token}..{held.first_token + held.num_tokens - 1}"
+                raise RuntimeError(f"vllm-glimpse: request {req.req_id}: a chunk from token {first} "
+                                   f"on, but the rows held for it are {have}")
+            span = req.deferred_rows
+            index = torch.arange(span.start, span.stop, device=device)
+            held.parts["hidden"].append(hidden[index])
+            held.parts["residual"].append(residual[index])
+            held.parts["positions"].append(positions[..., index])
+            tokens = np.arange(first, first + len(span))
+            is_image = np.zeros(len(span), dtype=bool)
+            for image in req.images:
+                is_image |= (tokens >= image.offset) & (tokens < image.offset + image.length)
+            if is_image.any():
+                if rank is None:
+                    if conds is None:
+                        raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
+                    parts, is_multimodal = conds
+                    rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
+                    all_conds = torch.cat(parts)
+                image_rows = index[torch.from_numpy(np.nonzero(is_image)[0]).to(device)]
+                held.parts["conditions"].append(all_conds[rank[image_rows]])
+            for layer, (kv, rec) in enumerate(zip(paged, recorders)):
+                if not kv.readable:
+                    held.kv["keys"].setdefault(layer, []).append(rec.key.view(num_tokens, -1)[index])
+                    held.kv["values"].setdefault(layer, []).append(
+                        rec.value.view(num_tokens, -1)[index])
+            held.num_tokens += len(span)
+
+    def _glimpse_step_rows(self, plan: GlimpseStepPlan, num_tokens: int, device
+                           ) -> tuple[StepRows, list[_HeldRows]]:
+        """The rows after layer K (:class:`StepRows`) and, in their order, the held rows of
+        the pruning requests that have some (they leave the store: this step consumes them)."""
+        store = self.__dict__["_glimpse_held"]
+        insertions, held = [], []
+        for req in plan.requests:
+            rows = store.pop(req.req_id, None)
+            if not req.num_deferred:
+                continue
+            first = req.num_computed - req.num_deferred
+            if rows is None or rows.first_token != first or rows.num_tokens != req.num_deferred:
+                have = "none" if rows is None else \
+                    f"tokens {rows.first_token}..{rows.first_token + rows.num_tokens - 1}"
+                raise RuntimeError(f"vllm-glimpse: request {req.req_id} prunes with tokens "
+                                   f"{first}..{req.num_computed - 1} from earlier chunks, but the "
+                                   f"rows held for it are {have}")
+            insertions.append((req.row_start, first, req.num_deferred))
+            held.append(rows)
+        return StepRows(num_tokens, insertions, device), held
+
+    def _glimpse_condition_features(self, plan, batch: PruneBatch, rows: StepRows,
+                                    held: list[_HeldRows], requests) -> _ConditionFeatures:
+        """The vision conditions of the batch's image tokens: the step's (views of its
+        multimodal embeddings) and those held from earlier chunks."""
+        conds = self.__dict__["_glimpse_conds"]
+        width = self._glimpse_vision_hidden_size()
+        layers = len(self.glimpse_checkpoint.config.selected_visual_layers)
+        num_tokens = rows.num_step_rows
+        device = batch.image_rows.device
+        parts, step_rank = [], None
+        if conds is not None:
+            parts, is_multimodal = conds
+            parts = list(parts)
+            step_rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
+        held_conds = [c for h in held for c in h.parts["conditions"]]
+        total = sum(p.shape[0] for p in parts)
+        if not held_conds:
+            if step_rank is None:
+                raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
+            if total == batch.image_rows.shape[0]:
+                return _ConditionFeatures(parts, None, width, layers)
+            rank_ext = torch.full((rows.num_rows,), -1, dtype=torch.long, device=device)
+            rank_ext[rows.ext_of_step] = step_rank
+            return _ConditionFeatures(parts, rank_ext[batch.image_rows], width, layers)
+        # Rows held from earlier chunks: their conditions follow the step's, in the rows' order.
+        rank_ext = torch.full((rows.num_rows,), -1, dtype=torch.long, device=device)
+        if step_rank is not None:
+            rank_ext[rows.ext_of_step] = step_rank
+        base = total
+        for start, req, h in zip(rows.held_row_starts(),
+                                 [r for r in plan.requests if r.num_deferred], held):
+            tokens = np.arange(h.first_token, h.first_token + h.num_tokens)
+            is_image = np.zeros(h.num_tokens, dtype=bool)
+            for image in req.images:
+                is_image |= (tokens >= image.offset) & (tokens < image.offset + image.length)
+            local = np.nonzero(is_image)[0]
+            rank_ext[torch.from_numpy(start + local).to(device)] = torch.arange(
+                base, base + local.size, device=device)
+            base += local.size
+        parts.append(torch.cat(held_conds))
+        return _ConditionFeatures(parts, rank_ext[batch.image_rows], width, layers)
 
     def _glimpse_layers_kv(self, block_size: int) -> list[PagedKV]:
         """Layers 0..K's paged K/V (readers/writers), built once per block size; logs once why a
@@ -307,16 +510,32 @@ class GlimpseModelMixin:
                                     use_attention_logits=cfg.use_attention_logits,
                                     recorded_keys=recorded)
 
-    def _glimpse_vip_logits(self, plan, batch: PruneBatch, attn_input: torch.Tensor, predictor,
-                            num_tokens: int) -> torch.Tensor:
-        """ONE VIP call for every image of every pruning request: ``[T]`` logits. Attention
-        inside the VIP stays within each image, so concatenating requests changes nothing."""
-        grids = [s.grid_hw for r in plan.requests for s in r.images]
-        width = self._glimpse_vision_hidden_size()
-        features = _ConditionFeatures(self.__dict__["_glimpse_conds"], batch.image_rows, num_tokens,
-                                      width, len(predictor.config.selected_visual_layers))
-        dtype = next(predictor.parameters()).dtype
-        return predictor(attn_input.to(dtype), features, grids)
+
+@dataclass
+class _HeldRows:
+    """A request's rows from its first image on, computed through layer K in earlier chunks of
+    its prefill: chunks of hidden state, residual, positions and image tokens' conditions
+    (``parts``), and of layers 0..K's K/V where the cache cannot be read back (``kv``)."""
+
+    first_token: int
+    num_tokens: int = 0
+    parts: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {
+        "hidden": [], "residual": [], "positions": [], "conditions": []})
+    kv: dict[str, dict[int, list[torch.Tensor]]] = field(
+        default_factory=lambda: {"keys": {}, "values": {}})
+
+    def cat(self, name: str) -> torch.Tensor:
+        return torch.cat(self.parts[name], dim=-1 if name == "positions" else 0)
+
+    def cat_kv(self, name: str, layer: int) -> torch.Tensor:
+        return torch.cat(self.kv[name][layer])
+
+
+def _deferred_rows(plan: GlimpseStepPlan, device) -> torch.Tensor:
+    """The step's rows that stop after layer K (chunks held for a later step)."""
+    rows = [np.arange(r.deferred_rows.start, r.deferred_rows.stop) for r in plan.deferred]
+    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
 
 
 class _LazyFeature:
@@ -328,7 +547,7 @@ class _LazyFeature:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.owner.image_rows.shape[0], self.owner.width)
+        return (self.owner.num_rows, self.owner.width)
 
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.owner.build(self.index).to(*args, **kwargs)
@@ -336,22 +555,13 @@ class _LazyFeature:
 
 class _ConditionFeatures:
     """The vision conditions of the batch's image tokens, per vision layer, as the VIP's
-    ``vision_feats`` sequence. ``conds``: (views ``[n_i, layers * width]`` of the step's
-    multimodal embeddings, the step's multimodal row mask)."""
+    ``vision_feats`` sequence. ``parts``: ``[n_i, layers * width]`` tensors (views of the step's
+    multimodal embeddings, and those held from earlier chunks); ``index``: each image token's
+    row in their concatenation (None: the identity)."""
 
-    def __init__(self, conds, image_rows: torch.Tensor, num_tokens: int, width: int,
-                 layers: int) -> None:
-        if conds is None:
-            raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
-        self.parts, is_multimodal = conds
-        self.image_rows, self.width, self.layers = image_rows, width, layers
-        total = sum(p.shape[0] for p in self.parts)
-        # Row -> its embedding's index among the step's multimodal rows; the identity when the
-        # pruning requests' image rows are all the step's multimodal rows.
-        self.index = None
-        if total != image_rows.shape[0]:
-            rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
-            self.index = rank[image_rows]
+    def __init__(self, parts, index: torch.Tensor | None, width: int, layers: int) -> None:
+        self.parts, self.index, self.width, self.layers = parts, index, width, layers
+        self.num_rows = sum(p.shape[0] for p in parts) if index is None else index.shape[0]
 
     def __len__(self) -> int:
         return self.layers

@@ -1,0 +1,178 @@
+"""GlimpsePrune with vLLM's chunked prefill on (its default), prompts longer than the step budget.
+
+* every prompt of a mixed batch (image prompts several times the step budget, short image
+  prompts, text-only prompts) is served, computed in chunks, and its greedy tokens and kept
+  counts equal the independent HF reference, which computes each prompt in one pass;
+* the chunk boundaries fall in the text before an image, inside an image and between an image
+  and the glimpse token: every request is run at several step budgets;
+* the prune happens in the step that computes the glimpse token: in that step the request's
+  blocks drop to what its survivors need (read from the scheduler's own block pool), and the
+  pool is whole again at the end;
+* a request preempted while its chunks wait for the glimpse token is recomputed and still
+  equals the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_glimpse.glimpse import KeepRule
+from vllm_glimpse.stats import STATS_KEY
+from vllm_glimpse.testing.generate import make_llm, shutdown
+from vllm_glimpse.testing.workloads import ImageSpec, RequestSpec, build_request
+
+MAX_TOKENS = 5
+RATIO = 0.25
+BLOCK = 32
+#: step budgets (tokens): each puts the chunk boundaries of the requests below elsewhere
+BUDGETS = (64, 97)
+
+SPECS = (
+    RequestSpec("What colour is the square in the top left corner?",
+                (ImageSpec("checker", 448, 448, 1),)),
+    RequestSpec("Write one sentence about the sea."),
+    RequestSpec("Compare the two pictures in a few words, naming their main colours and shapes.",
+                (ImageSpec("stripes", 336, 336, 2), ImageSpec("gradient", 280, 280, 3))),
+    RequestSpec("Describe it.", (ImageSpec("checker", 112, 112, 4),)),
+)
+
+
+def _engine(tiny_models, glimpse_checkpoints, family: str, budget: int, **extra):
+    return make_llm(tiny_models[family], method="glimpse", block_size=BLOCK,
+                    max_num_batched_tokens=budget, max_num_seqs=4,
+                    knobs={"checkpoint": glimpse_checkpoints[family], "fixed_ratio": RATIO},
+                    **extra)
+
+
+def _run_steps(llm, prompts, before_step=None):
+    """Run the prompts step by step (``before_step(n)`` before step n); returns the outputs in
+    order and, per request, the number of KV blocks it held after each step (from the
+    scheduler's KV cache manager)."""
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    outputs, blocks = {}, {i: [] for i in range(len(prompts))}
+    steps = 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        if before_step is not None:
+            before_step(steps)
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id.split("-")[0])] = out
+        for req_id, held in manager.req_to_blocks.items():
+            blocks[int(req_id.split("-")[0])].append(len(held))
+    return [outputs[i] for i in range(len(prompts))], blocks
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_chunked_prefill_equals_the_reference(family, tiny_models, glimpse_checkpoints, hf_glimpse):
+    rule = KeepRule(fixed_remain_ratio=RATIO)
+    wants = None
+    for budget in BUDGETS:
+        llm = _engine(tiny_models, glimpse_checkpoints, family, budget)
+        try:
+            sched_config = llm.llm_engine.vllm_config.scheduler_config
+            assert sched_config.enable_chunked_prefill is True
+            assert sched_config.max_num_batched_tokens == budget
+            pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+            total = pool.get_num_free_blocks()
+            tokenizer = llm.get_tokenizer()
+            prompts = [build_request(tokenizer, s) for s in SPECS]
+            outs, blocks = _run_steps(llm, prompts)
+            assert pool.get_num_free_blocks() == total
+        finally:
+            shutdown(llm)
+        if wants is None:
+            wants = [hf_glimpse[family].generate(p["prompt"], [i.build() for i in s.images],
+                                                 MAX_TOKENS, rule)[0]
+                     for s, p in zip(SPECS, prompts)]
+        long_prompts = 0
+        for spec, out, want, held in zip(SPECS, outs, wants, blocks.values()):
+            assert list(out.outputs[0].token_ids) == want.tokens, f"{family} {budget} {spec}"
+            if not spec.images:
+                continue
+            stats = out.kv_transfer_params[STATS_KEY]
+            assert stats["image_tokens_after"] == int(want.keep.sum()) < stats["image_tokens_before"]
+            n = len(out.prompt_token_ids)
+            if n > budget:
+                long_prompts += 1
+                # chunks grew the request's blocks step after step; the step that computed the
+                # glimpse token cut them to what the survivors need (the prompt's first drop)
+                drop = next(k for k in range(1, len(held)) if held[k] < held[k - 1])
+                assert drop >= 2 and held[:drop] == sorted(held[:drop]), held
+                assert held[drop] == -(-stats["prompt_tokens_after"] // BLOCK), (held, stats)
+        assert long_prompts >= 2
+
+
+def test_preempted_while_chunks_are_held(tiny_models, glimpse_checkpoints, hf_glimpse):
+    """vLLM preempts every running request (its own ``reset_prefix_cache(reset_running_requests=
+    True)``) while their prefills are part-way, chunks held for the glimpse token: each is
+    recomputed from the start, equals the reference, and no block leaks."""
+    family = "qwen2_5_vl"
+    llm = _engine(tiny_models, glimpse_checkpoints, family, 64)
+    try:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        total = pool.get_num_free_blocks()
+        preempted = []
+        original = sched._preempt_request
+
+        def spy(request, *args, **kwargs):
+            preempted.append((request.num_computed_tokens, request.num_prompt_tokens,
+                              min(f.mm_position.offset for f in request.mm_features)))
+            return original(request, *args, **kwargs)
+
+        sched._preempt_request = spy
+
+        def preempt_all(step):
+            if step in (3, 7):
+                sched.reset_prefix_cache(reset_running_requests=True)
+
+        tokenizer = llm.get_tokenizer()
+        specs = [SPECS[0], SPECS[2]]
+        prompts = [build_request(tokenizer, s) for s in specs]
+        outs, _ = _run_steps(llm, prompts, preempt_all)
+        assert pool.get_num_free_blocks() == total
+    finally:
+        shutdown(llm)
+    # requests were preempted with chunks past their first image computed, not yet pruned
+    assert any(first < computed < prompt for computed, prompt, first in preempted), preempted
+    rule = KeepRule(fixed_remain_ratio=RATIO)
+    for spec, prompt, out in zip(specs, prompts, outs):
+        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
+                                              MAX_TOKENS, rule)
+        assert list(out.outputs[0].token_ids) == want.tokens, spec
+
+
+def _force_unreadable_cache(worker) -> None:
+    """Make the prune step treat layers 0..K's cache as one it cannot read back (any attention
+    backend but FlashAttention and vLLM's CPU one, or a quantized cache): it then keeps the
+    K/V of the step's tokens, and of held chunks, while they run."""
+    runner = worker.model_runner
+    model = runner.model if hasattr(runner, "model_state") else runner.get_model()
+    for kv in model._glimpse_layers_kv(BLOCK):
+        kv.unreadable = "forced by the test"
+
+
+def test_chunks_with_a_cache_that_cannot_be_read_back(tiny_models, glimpse_checkpoints, hf_glimpse):
+    """Qwen2.5-VL (glimpse scores over the image keys): with the cache unreadable, the image
+    tokens' K/V of earlier chunks are held with their rows, and the tokens equal the reference."""
+    family = "qwen2_5_vl"
+    llm = _engine(tiny_models, glimpse_checkpoints, family, 64)
+    try:
+        llm.collective_rpc(_force_unreadable_cache)
+        tokenizer = llm.get_tokenizer()
+        prompts = [build_request(tokenizer, s) for s in SPECS]
+        outs, _ = _run_steps(llm, prompts)
+    finally:
+        shutdown(llm)
+    rule = KeepRule(fixed_remain_ratio=RATIO)
+    for spec, prompt, out in zip(SPECS, prompts, outs):
+        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
+                                              MAX_TOKENS, rule)
+        assert list(out.outputs[0].token_ids) == want.tokens, spec
