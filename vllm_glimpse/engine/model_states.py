@@ -34,6 +34,7 @@ from vllm_glimpse.engine.plan import (
     ImageSpan,
     PruneRequest,
     PruneResult,
+    step_role,
 )
 from vllm_glimpse.models.common import keep_overrides_of
 from vllm_glimpse.settings import LOGGER_NAME
@@ -170,12 +171,13 @@ class GlimpseModelState(DefaultModelState):
             scheduled = int(input_batch.num_scheduled_tokens[i])
             P = len(pending.prompt_token_ids)
             first_image = pending.images[0].mm_position.offset
-            if computed + scheduled <= first_image:
-                continue  # a chunk before its first image: an ordinary prefill
+            role = step_role(computed, scheduled, P, first_image)
+            if role is None:
+                continue
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length,
                                self.model.glimpse_image_grid(f)) for f in pending.images]
             row_start = int(input_batch.query_start_loc_np[i])
-            if computed + scheduled < P:
+            if role == "defer":
                 deferred.append(DeferRequest(
                     req_id=req_id, batch_index=i, row_start=row_start, num_computed=computed,
                     num_scheduled=scheduled, first_image=first_image, images=spans))
@@ -185,8 +187,7 @@ class GlimpseModelState(DefaultModelState):
             requests.append(PruneRequest(
                 req_id=req_id, batch_index=i, row_start=row_start,
                 num_prompt_tokens=P, images=spans, block_ids=pending.block_ids,
-                keep_overrides=keep_overrides_of(pending.images[0]), num_computed=computed,
-                num_deferred=max(0, computed - first_image)))
+                keep_overrides=keep_overrides_of(pending.images[0]), num_computed=computed))
         if not requests and not deferred:
             return
         if len(kv_cache_config.kv_cache_groups) != 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_glimpse.settings import GlimpseSettings
@@ -52,7 +53,12 @@ class PruneRequest:
     block_ids: list[int]  # its KV blocks (group 0), in order
     keep_overrides: GlimpseSettings | None = None  # the request's own keep-rule knobs
     num_computed: int = 0  # prompt tokens computed before this step
-    num_deferred: int = 0  # the last of them, from the first image on: through layer K only
+
+    @property
+    def num_deferred(self) -> int:
+        """The last of the tokens computed before, from the first image on: earlier chunks ran
+        them through layer K only."""
+        return max(0, self.num_computed - self.images[0].offset) if self.images else 0
 
     @property
     def token_row0(self) -> int:
@@ -94,6 +100,27 @@ class DeferRequest:
         before the first image, over the tokens before it."""
         end = min(self.num_computed + self.num_scheduled, self.first_image)
         return max(0, end - self.num_computed), end
+
+
+def step_role(num_computed: int, num_scheduled: int, num_prompt_tokens: int,
+              first_image: int) -> str | None:
+    """What a step does with a request that has images, from the tokens it schedules: None for
+    a chunk before its first image (an ordinary prefill), ``"defer"`` for a chunk that reaches
+    an image but not the prompt's end (a :class:`DeferRequest`), ``"prune"`` for the step that
+    ends the prompt (a :class:`PruneRequest`)."""
+    end = num_computed + num_scheduled
+    if end <= first_image:
+        return None
+    return "defer" if end < num_prompt_tokens else "prune"
+
+
+def image_token_mask(images: list[ImageSpan], first_token: int, count: int) -> np.ndarray:
+    """Which of prompt tokens ``first_token..first_token + count - 1`` are image tokens."""
+    tokens = np.arange(first_token, first_token + count)
+    mask = np.zeros(count, dtype=bool)
+    for image in images:
+        mask |= (tokens >= image.offset) & (tokens < image.offset + image.length)
+    return mask
 
 
 @dataclass

@@ -180,10 +180,6 @@ class StepRows:
         self.num_rows = num_step_rows + sum(n for _, _, n in self.insertions)
         self.ext_of_step = _to(device, self.ext_of_step_np, torch.long)
 
-    @property
-    def has_held(self) -> bool:
-        return bool(self.insertions)
-
     def held_row_starts(self) -> list[int]:
         """The row of each insertion's first held token."""
         return [int(self.ext_of_step_np[r]) - n for r, _, n in self.insertions]

@@ -43,6 +43,7 @@ from vllm_glimpse.engine.plan import (
     ImageSpan,
     PruneRequest,
     PruneResult,
+    step_role,
 )
 from vllm_glimpse.engine.runner_v2 import prune_step_reservation
 from vllm_glimpse.models.common import keep_overrides_of
@@ -133,11 +134,12 @@ class GlimpseRunnerMixin:
             scheduled = int(num_scheduled_tokens[i])
             images.sort(key=lambda f: f.mm_position.offset)
             first_image = images[0].mm_position.offset
-            if computed + scheduled <= first_image:
-                continue  # a chunk before its first image: an ordinary prefill
+            role = step_role(computed, scheduled, req_state.num_prompt_tokens, first_image)
+            if role is None:
+                continue
             spans = [ImageSpan(f.mm_position.offset, f.mm_position.length, model.glimpse_image_grid(f))
                      for f in images]
-            if computed + scheduled < req_state.num_prompt_tokens:
+            if role == "defer":
                 deferred.append(DeferRequest(
                     req_id=req_id, batch_index=i, row_start=int(starts[i]), num_computed=computed,
                     num_scheduled=scheduled, first_image=first_image, images=spans))
@@ -147,7 +149,6 @@ class GlimpseRunnerMixin:
                 num_prompt_tokens=req_state.num_prompt_tokens, images=spans,
                 block_ids=list(req_state.block_ids[0]),
                 keep_overrides=keep_overrides_of(images[0]), num_computed=computed,
-                num_deferred=max(0, computed - first_image),
             ))
         if not requests and not deferred:
             return None

@@ -35,7 +35,7 @@ import torch
 from vllm.forward_context import get_forward_context
 
 from vllm_glimpse.engine.kv import AttentionRecorder, PagedKV, move_kv
-from vllm_glimpse.engine.plan import GlimpseStepPlan
+from vllm_glimpse.engine.plan import GlimpseStepPlan, image_token_mask
 from vllm_glimpse.engine.prune_step import (
     PruneBatch,
     StepRows,
@@ -337,12 +337,11 @@ class GlimpseModelMixin:
                 k += 1
             else:
                 row_start = int(rows.ext_of_step_np[req.row_start])
-            requests.append(dataclasses.replace(
-                req, row_start=row_start, num_computed=req.num_computed - req.num_deferred,
-                num_deferred=0))
+            requests.append(dataclasses.replace(  # the held rows are now step rows
+                req, row_start=row_start, num_computed=req.num_computed - req.num_deferred))
         batch = build_prune_batch(dataclasses.replace(plan, requests=requests), rules, device)
         attn_input = self._glimpse_vip_attention_input(plan, batch, recorders, paged, cfg)
-        features = self._glimpse_condition_features(plan, batch, rows, held, requests)
+        features = self._glimpse_condition_features(plan, batch, rows, held)
         grids = [s.grid_hw for r in plan.requests for s in r.images]
         dtype = next(predictor.parameters()).dtype
         # ONE VIP call for every image of every pruning request: attention inside the VIP stays
@@ -373,8 +372,7 @@ class GlimpseModelMixin:
             return
         store = self.__dict__["_glimpse_held"]
         device = hidden.device
-        conds = self.__dict__["_glimpse_conds"]
-        rank = all_conds = None
+        step_conds = all_conds = None
         for req in plan.deferred:
             first = req.first_deferred
             held = store.get(req.req_id)
@@ -390,19 +388,15 @@ class GlimpseModelMixin:
             held.parts["hidden"].append(hidden[index])
             held.parts["residual"].append(residual[index])
             held.parts["positions"].append(positions[..., index])
-            tokens = np.arange(first, first + len(span))
-            is_image = np.zeros(len(span), dtype=bool)
-            for image in req.images:
-                is_image |= (tokens >= image.offset) & (tokens < image.offset + image.length)
+            is_image = image_token_mask(req.images, first, len(span))
             if is_image.any():
-                if rank is None:
-                    if conds is None:
+                if step_conds is None:
+                    step_conds = self._glimpse_step_conditions(num_tokens)
+                    if step_conds is None:
                         raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
-                    parts, is_multimodal = conds
-                    rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
-                    all_conds = torch.cat(parts)
+                    all_conds = torch.cat(step_conds[0])
                 image_rows = index[torch.from_numpy(np.nonzero(is_image)[0]).to(device)]
-                held.parts["conditions"].append(all_conds[rank[image_rows]])
+                held.parts["conditions"].append(all_conds[step_conds[1][image_rows]])
             for layer, (kv, rec) in enumerate(zip(paged, recorders)):
                 if not kv.readable:
                     held.kv["keys"].setdefault(layer, []).append(rec.key.view(num_tokens, -1)[index])
@@ -432,46 +426,44 @@ class GlimpseModelMixin:
         return StepRows(num_tokens, insertions, device), held
 
     def _glimpse_condition_features(self, plan, batch: PruneBatch, rows: StepRows,
-                                    held: list[_HeldRows], requests) -> _ConditionFeatures:
+                                    held: list[_HeldRows]) -> _ConditionFeatures:
         """The vision conditions of the batch's image tokens: the step's (views of its
         multimodal embeddings) and those held from earlier chunks."""
-        conds = self.__dict__["_glimpse_conds"]
         width = self._glimpse_vision_hidden_size()
         layers = len(self.glimpse_checkpoint.config.selected_visual_layers)
-        num_tokens = rows.num_step_rows
         device = batch.image_rows.device
-        parts, step_rank = [], None
-        if conds is not None:
-            parts, is_multimodal = conds
-            parts = list(parts)
-            step_rank = torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
+        step_conds = self._glimpse_step_conditions(rows.num_step_rows)
+        parts = [] if step_conds is None else list(step_conds[0])
         held_conds = [c for h in held for c in h.parts["conditions"]]
+        if not held_conds and step_conds is None:
+            raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
         total = sum(p.shape[0] for p in parts)
-        if not held_conds:
-            if step_rank is None:
-                raise RuntimeError("GlimpsePrune: no vision conditions reached the forward")
-            if total == batch.image_rows.shape[0]:
-                return _ConditionFeatures(parts, None, width, layers)
-            rank_ext = torch.full((rows.num_rows,), -1, dtype=torch.long, device=device)
-            rank_ext[rows.ext_of_step] = step_rank
-            return _ConditionFeatures(parts, rank_ext[batch.image_rows], width, layers)
-        # Rows held from earlier chunks: their conditions follow the step's, in the rows' order.
+        if not held_conds and total == batch.image_rows.shape[0]:
+            return _ConditionFeatures(parts, None, width, layers)  # every step image row prunes
+        # Row -> its condition's index in the concatenation of the step's conditions and, after
+        # them, the held ones in the rows' order.
         rank_ext = torch.full((rows.num_rows,), -1, dtype=torch.long, device=device)
-        if step_rank is not None:
-            rank_ext[rows.ext_of_step] = step_rank
+        if step_conds is not None:
+            rank_ext[rows.ext_of_step] = step_conds[1]
         base = total
         for start, req, h in zip(rows.held_row_starts(),
                                  [r for r in plan.requests if r.num_deferred], held):
-            tokens = np.arange(h.first_token, h.first_token + h.num_tokens)
-            is_image = np.zeros(h.num_tokens, dtype=bool)
-            for image in req.images:
-                is_image |= (tokens >= image.offset) & (tokens < image.offset + image.length)
-            local = np.nonzero(is_image)[0]
+            local = np.nonzero(image_token_mask(req.images, h.first_token, h.num_tokens))[0]
             rank_ext[torch.from_numpy(start + local).to(device)] = torch.arange(
                 base, base + local.size, device=device)
             base += local.size
-        parts.append(torch.cat(held_conds))
+        if held_conds:
+            parts.append(torch.cat(held_conds))
         return _ConditionFeatures(parts, rank_ext[batch.image_rows], width, layers)
+
+    def _glimpse_step_conditions(self, num_tokens: int):
+        """The step's vision conditions (views ``[n_i, layers * width]`` of its multimodal
+        embeddings) and each step row's index among its multimodal rows; None without any."""
+        conds = self.__dict__["_glimpse_conds"]
+        if conds is None:
+            return None
+        parts, is_multimodal = conds
+        return parts, torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
 
     def _glimpse_layers_kv(self, block_size: int) -> list[PagedKV]:
         """Layers 0..K's paged K/V (readers/writers), built once per block size; logs once why a
