@@ -109,12 +109,13 @@ def test_chunked_prefill_equals_the_reference(family, tiny_models, glimpse_check
         assert long_prompts >= 2
 
 
-def test_preempted_while_chunks_are_held(tiny_models, glimpse_checkpoints, hf_glimpse):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_preempted_while_chunks_are_held(family, tiny_models, glimpse_checkpoints, hf_glimpse):
     """vLLM preempts every running request (its own ``reset_prefix_cache(reset_running_requests=
     True)``) while their prefills are part-way, chunks held for the glimpse token: each is
-    recomputed from the start, equals the reference, and no block leaks."""
-    family = "qwen2_5_vl"
-    llm = _engine(tiny_models, glimpse_checkpoints, family, 64)
+    recomputed from the start, equals the reference, and no block leaks. A preempted request
+    that waits keeps nothing held in the model: only running requests hold rows."""
+    llm = _engine(tiny_models, glimpse_checkpoints, family, 97)
     try:
         sched = llm.llm_engine.engine_core.engine_core.scheduler
         pool = sched.kv_cache_manager.block_pool
@@ -124,13 +125,21 @@ def test_preempted_while_chunks_are_held(tiny_models, glimpse_checkpoints, hf_gl
 
         def spy(request, *args, **kwargs):
             preempted.append((request.num_computed_tokens, request.num_prompt_tokens,
-                              min(f.mm_position.offset for f in request.mm_features)))
+                              min((f.mm_position.offset for f in request.mm_features), default=None)))
             return original(request, *args, **kwargs)
 
         sched._preempt_request = spy
 
+        held_while_waiting, resets = [], []
+
         def preempt_all(step):
-            if step in (3, 7):
+            held = set().union(*llm.collective_rpc(_held_request_ids))
+            running = {r.request_id for r in sched.running}
+            held_while_waiting.extend(held - running)
+            # preempt when some request holds chunks beside another running one: the step
+            # budget then resumes one of them and the other waits
+            if held and len(running) > 1 and len(resets) < 2:
+                resets.append(step)
                 sched.reset_prefix_cache(reset_running_requests=True)
 
         tokenizer = llm.get_tokenizer()
@@ -140,8 +149,10 @@ def test_preempted_while_chunks_are_held(tiny_models, glimpse_checkpoints, hf_gl
         assert pool.get_num_free_blocks() == total
     finally:
         shutdown(llm)
+    assert resets and not held_while_waiting, (resets, held_while_waiting)
     # requests were preempted with chunks past their first image computed, not yet pruned
-    assert any(first < computed < prompt for computed, prompt, first in preempted), preempted
+    assert any(first is not None and first < computed < prompt
+               for computed, prompt, first in preempted), preempted
     rule = KeepRule(fixed_remain_ratio=RATIO)
     for spec, prompt, out in zip(specs, prompts, outs):
         want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
@@ -149,13 +160,21 @@ def test_preempted_while_chunks_are_held(tiny_models, glimpse_checkpoints, hf_gl
         assert list(out.outputs[0].token_ids) == want.tokens, spec
 
 
+def _glimpse_model(worker):
+    runner = worker.model_runner
+    return runner.model if hasattr(runner, "model_state") else runner.get_model()
+
+
+def _held_request_ids(worker) -> set[str]:
+    """The requests whose earlier chunks the model holds for their glimpse token."""
+    return set(_glimpse_model(worker).__dict__["_glimpse_held"])
+
+
 def _force_unreadable_cache(worker) -> None:
     """Make the prune step treat layers 0..K's cache as one it cannot read back (any attention
     backend but FlashAttention and vLLM's CPU one, or a quantized cache): it then keeps the
     K/V of the step's tokens, and of held chunks, while they run."""
-    runner = worker.model_runner
-    model = runner.model if hasattr(runner, "model_state") else runner.get_model()
-    for kv in model._glimpse_layers_kv(BLOCK):
+    for kv in _glimpse_model(worker)._glimpse_layers_kv(BLOCK):
         kv.unreadable = "forced by the test"
 
 

@@ -87,6 +87,10 @@ class GlimpseRunnerMixin:
             state["offsets"].pop(req_id, None)
             if model is not None:
                 model.glimpse_release(req_id)
+        # A request preempted mid-prefill loses the chunks it held; it is recomputed on resume.
+        for req_id in scheduler_output.preempted_req_ids or ():
+            if model is not None:
+                model.glimpse_release(req_id)
         # A pruned request the scheduler preempted comes back to be recomputed from its
         # original prompt (the scheduler has restored the same on its side).
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:

@@ -273,6 +273,8 @@ class GlimpseModelMixin:
                                               [h.cat_kv("keys", layer) for h in held])
                         rec.value = rows.insert(rec.value.view(num_tokens, -1),
                                                 [h.cat_kv("values", layer) for h in held])
+                for h in held:  # the step's tensors have them now; only conditions are read on
+                    h.drop_rows()
                 decision, last_rows = self._glimpse_decide(plan, rows, held, recorders, paged,
                                                            cfg, predictor, dropped)
                 keep_rows, survivors = decision.keep_rows, decision.survivors
@@ -521,6 +523,14 @@ class _HeldRows:
 
     def cat_kv(self, name: str, layer: int) -> torch.Tensor:
         return torch.cat(self.kv[name][layer])
+
+    def drop_rows(self) -> None:
+        """Free the held hidden state, residual, positions and K/V once the prune step has
+        inserted them into its own tensors (the image tokens' conditions stay: the keep
+        decision reads them)."""
+        for name in ("hidden", "residual", "positions"):
+            self.parts[name] = []
+        self.kv = {"keys": {}, "values": {}}
 
 
 def _deferred_rows(plan: GlimpseStepPlan, device) -> torch.Tensor:
