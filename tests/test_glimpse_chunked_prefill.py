@@ -195,3 +195,34 @@ def test_chunks_with_a_cache_that_cannot_be_read_back(tiny_models, glimpse_check
         want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
                                               MAX_TOKENS, rule)
         assert list(out.outputs[0].token_ids) == want.tokens, spec
+
+
+def test_llava_refuses_a_cache_it_cannot_read_back(tiny_models, glimpse_checkpoints, hf_glimpse,
+                                                   monkeypatch):
+    """LLaVA's glimpse scores need the keys of every prompt token, including tokens from the
+    prefix cache and earlier chunks, which only the paged cache has: an engine whose cache cannot
+    be read back (here forced; on a GPU, any attention backend but FlashAttention) is refused at
+    start-up in one line naming the fix, and with both features off it serves the reference's
+    tokens from the keys it records while the step runs."""
+    from vllm_glimpse.engine import kv as kv_module
+
+    monkeypatch.setattr(kv_module, "cpu_block_layout", lambda attn, block_size: "forced")
+    monkeypatch.setattr(kv_module, "flash_attention_views", lambda attn: None)
+    family = "llava"
+    with pytest.raises(Exception, match=(
+            r"GlimpsePrune on LLaVA with prefix caching and chunked prefill reads every prompt "
+            r"key back from the paged KV cache, which this engine's cannot give back \(forced\)")):
+        _engine(tiny_models, glimpse_checkpoints, family, 64)
+    llm = _engine(tiny_models, glimpse_checkpoints, family, 4096, enable_prefix_caching=False,
+                  enable_chunked_prefill=False, max_model_len=4096)
+    try:
+        tokenizer = llm.get_tokenizer()
+        prompts = [build_request(tokenizer, s) for s in SPECS]
+        outs, _ = _run_steps(llm, prompts)
+    finally:
+        shutdown(llm)
+    rule = KeepRule(fixed_remain_ratio=RATIO)
+    for spec, prompt, out in zip(SPECS, prompts, outs):
+        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
+                                              MAX_TOKENS, rule)
+        assert list(out.outputs[0].token_ids) == want.tokens, spec

@@ -223,10 +223,11 @@ def test_reservation_covers_what_the_dummy_forward_does_not():
             _glimpse_text_model=lambda: lm,
         ), attn
 
-    def reserve(impl_name, intermediate, tokens=10_000, longest_prompt=0):
+    def reserve(impl_name, intermediate, tokens=10_000, longest_prompt=0, held_prompts=1):
         m, attn = model(impl_name, intermediate)
         m.__dict__["_glimpse_recorders"] = [SimpleNamespace(attn=attn)]
         m.__dict__["_glimpse_longest_prompt"] = longest_prompt
+        m.__dict__["_glimpse_held_prompts"] = held_prompts
         return GlimpseModelMixin.glimpse_profile_reserve_bytes(m, tokens)
 
     # Qwen2.5-VL-7B's MLP (18944) holds far more than the prune step needs: nothing to add.
@@ -241,3 +242,9 @@ def test_reservation_covers_what_the_dummy_forward_does_not():
     # The prune step over 32768 tokens needs more than the 2048-token dummy forward's MLP holds.
     assert reserve("FlashAttentionImpl", 18944, 2048, 32768) > held_rows
     assert reserve("FlashAttentionImpl", 18944, 2048) == 0  # chunked prefill off: as before
+    # ... and the held rows' survivors through layers K+1.. (hidden, residual, MLP), beyond the
+    # step's own tokens, where the MLP dominates
+    assert reserve("FlashAttentionImpl", 18944, 2048, 32768) >= (
+        held_rows + 32768 * (2 * 3584 + 3 * 18944) * 2)
+    # a long_prefill_token_threshold lets several prompts hold rows at once: each is reserved
+    assert reserve("FlashAttentionImpl", 18944, 2048, 32768, held_prompts=4) >= 4 * held_rows

@@ -218,6 +218,13 @@ class GlimpseRunnerMixin:
         with prune_step_reservation(self.get_model(), self.max_num_tokens, self.device):
             return super().profile_run(*args, **kwargs)
 
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        model = self._glimpse_model
+        if model is not None and not is_profiling:
+            model.glimpse_check_kv_cache(
+                kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size, self.vllm_config)
+
     def _model_forward(self, *args, **kwargs):
         try:
             return super()._model_forward(*args, **kwargs)

@@ -1,8 +1,10 @@
-"""GlimpsePrune's two overrides of vLLM's Model Runner V2 (MRv2), where no ``ModelState`` hook
+"""GlimpsePrune's overrides of vLLM's Model Runner V2 (MRv2), where no ``ModelState`` hook
 reaches (everything else is :class:`vllm_glimpse.engine.model_states.GlimpseModelState`):
 
 * ``sample_tokens``: the step's pruning results ride to the scheduler on the
   ``ModelRunnerOutput`` it builds (attribute ``plan.OUTPUT_ATTR``), which no state hook sees;
+* ``initialize_kv_cache``: once the cache exists, LLaVA refuses one it cannot read back where
+  prefix caching or chunked prefill needs it (:meth:`GlimpseModelMixin.glimpse_check_kv_cache`);
 * ``profile_run``: vLLM sizes the KV cache from the peak memory of a dummy forward that never
   prunes; the prune step's own peak is held in a reservation meanwhile;
 * ``execute_model``: a step that prunes runs eagerly (no CUDA graph, no padding to a capture
@@ -47,6 +49,12 @@ class GlimpseRunnerV2Mixin:
     def profile_run(self, *args, **kwargs):
         with prune_step_reservation(self.model, self.max_num_tokens, self.device):
             return super().profile_run(*args, **kwargs)
+
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        if getattr(self.model, "glimpse_enabled", False) and not is_profiling:
+            self.model.glimpse_check_kv_cache(
+                kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size, self.vllm_config)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         state = self.model_state

@@ -65,10 +65,15 @@ class GlimpseModelMixin:
         self.glimpse_settings = config.glimpse if config.method == "glimpse" else None
         self.glimpse_plan = None
         # With chunked prefill, a prune step also works on the rows held from earlier chunks: up
-        # to a whole prompt of max_model_len tokens (memory profiling reserves for it).
+        # to a whole prompt of max_model_len tokens (memory profiling reserves for it). Only a
+        # prompt the step budget cut holds rows, so normally one at a time; a
+        # long_prefill_token_threshold cuts every long prompt, and that many can hold at once.
         sched = vllm_config.scheduler_config
         self.__dict__["_glimpse_longest_prompt"] = (
             vllm_config.model_config.max_model_len if sched.enable_chunked_prefill else 0)
+        threshold = sched.long_prefill_token_threshold
+        self.__dict__["_glimpse_held_prompts"] = 1 if threshold <= 0 else min(
+            sched.max_num_seqs, -(-sched.max_num_batched_tokens // threshold))
         # Not nn.Module attributes: the predictor is loaded from its own checkpoint, after
         # vLLM's loader has checked that every registered parameter came from the model's.
         self.__dict__["_glimpse"] = None
@@ -146,11 +151,12 @@ class GlimpseModelMixin:
         before the cache exists to be probed) the K/V of layers 0..K held during the step are
         counted in full, as they live across those MLPs.
 
-        With chunked prefill the prune step works on up to a whole prompt (``max_model_len``
-        tokens: the step's and those held from earlier chunks), and a prompt's held rows (hidden
-        state, residual, vision conditions; K/V of layers 0..K where the cache cannot be read
-        back) live between steps: one prompt's worth is added. (Several long prompts part-way
-        through their prefill at once hold more.)"""
+        With chunked prefill a prompt's held rows (hidden state, residual, vision conditions;
+        K/V of layers 0..K where the cache cannot be read back) live between steps, for each
+        prompt that can be part-way at once; the prune step works on the step's tokens plus
+        those held rows (up to ``max_model_len`` each), and the survivors among the held rows
+        run on through layers K+1.. beyond the step's own tokens (hidden state, residual and
+        MLP activations)."""
         if not self.glimpse_enabled or self.glimpse_checkpoint is None:
             return 0
         cfg = self.glimpse_checkpoint.config
@@ -161,8 +167,9 @@ class GlimpseModelMixin:
         elem = weight.element_size()
         readable = (type(attn.impl).__name__ == "FlashAttentionImpl"
                     and attn.impl.kv_cache_dtype == "auto")
-        longest = self.__dict__.get("_glimpse_longest_prompt", 0)
-        prune_tokens = max(num_tokens, longest)
+        longest = (self.__dict__.get("_glimpse_longest_prompt", 0)
+                   * self.__dict__.get("_glimpse_held_prompts", 1))  # rows held, all prompts
+        prune_tokens = num_tokens + longest
         peak = prune_step_peak_bytes(prune_tokens, cfg, num_kv_heads=attn.num_kv_heads,
                                      head_size=attn.head_size, elem_size=elem,
                                      kv_recorded=not readable,
@@ -170,12 +177,11 @@ class GlimpseModelMixin:
         kv_per_token = (cfg.reduce_layer + 1) * 2 * attn.num_kv_heads * attn.head_size * elem
         held = 0 if readable else prune_tokens * kv_per_token
         mlp = num_tokens * 3 * text.intermediate_size * elem
-        rows_held = 0
-        if longest:
-            cond = len(cfg.selected_visual_layers) * cfg.vision_hidden_size
-            rows_held = longest * ((2 * text.hidden_size + cond) * elem
-                                   + (0 if readable else kv_per_token))
-        return rows_held + max(held, peak - mlp)
+        cond = len(cfg.selected_visual_layers) * cfg.vision_hidden_size
+        rows_held = longest * ((2 * text.hidden_size + cond) * elem
+                               + (0 if readable else kv_per_token))
+        after = longest * (2 * text.hidden_size + 3 * text.intermediate_size) * elem
+        return rows_held + max(held, peak - mlp, after)
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -466,6 +472,30 @@ class GlimpseModelMixin:
             return None
         parts, is_multimodal = conds
         return parts, torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
+
+    def glimpse_check_kv_cache(self, block_size: int, vllm_config) -> None:
+        """At start-up, once the KV cache exists. LLaVA's glimpse scores are a softmax over
+        every key of the prompt; keys of tokens from the prefix cache or from earlier chunks
+        live only in the paged cache. A cache that cannot be read back (a quantized one turns
+        both features off earlier, in the engine config) would fail those requests mid-serve:
+        refuse now, in one line. Qwen's raw logits need only the image tokens' keys, which are
+        never prefix-cache hits and are held across chunks."""
+        if (not self.glimpse_enabled or self.glimpse_checkpoint is None
+                or self.glimpse_checkpoint.config.use_attention_logits):
+            return
+        features = [name for name, on in (
+            ("prefix caching", vllm_config.cache_config.enable_prefix_caching),
+            ("chunked prefill", vllm_config.scheduler_config.enable_chunked_prefill)) if on]
+        if not features:
+            return
+        reasons = sorted({kv.unreadable for kv in self._glimpse_layers_kv(block_size)
+                          if not kv.readable})
+        if reasons:
+            raise PruningSettingsError(
+                f"GlimpsePrune on LLaVA with {' and '.join(features)} reads every prompt key "
+                f"back from the paged KV cache, which this engine's cannot give back "
+                f"({'; '.join(reasons)}): use FlashAttention (--attention-backend FLASH_ATTN) or "
+                f"start with --no-enable-prefix-caching --no-enable-chunked-prefill")
 
     def _glimpse_layers_kv(self, block_size: int) -> list[PagedKV]:
         """Layers 0..K's paged K/V (readers/writers), built once per block size; logs once why a
