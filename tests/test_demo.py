@@ -23,3 +23,19 @@ def test_demo_table_counts_visionzip_on_llava(tiny_models, capsys):
         assert (f"{576 * images} -> {64 * images}" in line
                 and f"{row.prompt_tokens_sent} -> {row.prompt_tokens_kept}" in line), line
     assert "weights are random" in table
+
+
+def test_warm_up_uses_other_images_of_the_same_sizes():
+    """The demo charges one-time work to the engine's start with a warm-up request whose images
+    have the batch's first image request's sizes but other pixels, so neither vLLM's caches nor
+    the method's batch time see it."""
+    from vllm_glimpse.demo import _warm_up_request
+
+    specs = mixed_batch()
+    first = next(s for s in specs if s.images)
+    warm = _warm_up_request(specs)
+    assert warm.text == first.text and len(warm.images) == len(first.images)
+    for a, b in zip(warm.images, first.images):
+        assert (a.width, a.height, a.kind) == (b.width, b.height, b.kind)
+        assert a.build().tobytes() != b.build().tobytes()
+    assert _warm_up_request([s for s in specs if not s.images]) is None
