@@ -8,11 +8,12 @@
 
 Full run (defaults: N 24, R 3, T 32, H 8, B 64, M 64, T2 64, ratio 0.05, 1 thread)::
 
-    .venv/bin/python benchmarks/glimpse_throughput.py --json benchmarks/results_glimpse.json
+    .venv/bin/python benchmarks/glimpse_throughput.py --json benchmarks/results/glimpse_image.json
 
-takes roughly 20 to 30 minutes on a quiet 2-core x86 machine (a vanilla prefill of one request,
-~1,560 tokens, takes ~5.5 s on one thread): the vanilla throughput batches alone are 3 x 24 of
-them. ``--quick`` (a smoke
+takes roughly 30 to 40 minutes on a quiet 2-core x86 machine (a vanilla prefill of one request,
+~1,560 tokens, takes ~5.5 s on one thread, and every engine compiles for 2-3 minutes at start):
+the vanilla throughput batches alone are 3 x 24 of them. The text-only and mixed runs of
+docs/benchmarks.md take 6 and about 15 minutes. ``--quick`` (a smoke
 check of every code path: 2 requests, 1 repeat, 2 held, residency 4 requests in 33 blocks; its
 numbers are not the goal measurement) takes about 3 minutes on a quiet machine.
 

@@ -46,8 +46,8 @@ Throughput = requests / wall time of one ``LLM.generate`` call over N requests s
 (each: one distinct synthetic image + a short question; greedy, ``max_tokens`` tokens,
 ``ignore_eos``), after a warm-up call on other images; median reported with (min, max). The wall
 time covers the whole offline path: input processing (image preprocessing, hashing), the vision
-tower, prefill and decode. Images differ between all requests and batches of an engine and
-prefix caching is off, so no cache hands back work done before.
+tower, prefill and decode. Images differ between all requests and batches of an engine, so
+prefix caching (on, as vLLM's default) finds nothing past the shared text to hand back.
 """
 
 from __future__ import annotations
