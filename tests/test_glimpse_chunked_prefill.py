@@ -153,10 +153,15 @@ def test_preempted_while_chunks_are_held(family, tiny_models, glimpse_checkpoint
     # requests were preempted with chunks past their first image computed, not yet pruned
     assert any(first is not None and first < computed < prompt
                for computed, prompt, first in preempted), preempted
+    _assert_equals_reference(hf_glimpse[family], specs, prompts, outs)
+
+
+def _assert_equals_reference(reference, specs, prompts, outs) -> None:
+    """Each request's greedy tokens are the HF reference's at the tests' keep ratio."""
     rule = KeepRule(fixed_remain_ratio=RATIO)
     for spec, prompt, out in zip(specs, prompts, outs):
-        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
-                                              MAX_TOKENS, rule)
+        want, _ = reference.generate(prompt["prompt"], [i.build() for i in spec.images],
+                                     MAX_TOKENS, rule)
         assert list(out.outputs[0].token_ids) == want.tokens, spec
 
 
@@ -190,11 +195,7 @@ def test_chunks_with_a_cache_that_cannot_be_read_back(tiny_models, glimpse_check
         outs, _ = _run_steps(llm, prompts)
     finally:
         shutdown(llm)
-    rule = KeepRule(fixed_remain_ratio=RATIO)
-    for spec, prompt, out in zip(SPECS, prompts, outs):
-        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
-                                              MAX_TOKENS, rule)
-        assert list(out.outputs[0].token_ids) == want.tokens, spec
+    _assert_equals_reference(hf_glimpse[family], SPECS, prompts, outs)
 
 
 def test_llava_refuses_a_cache_it_cannot_read_back(tiny_models, glimpse_checkpoints, hf_glimpse,
@@ -221,8 +222,4 @@ def test_llava_refuses_a_cache_it_cannot_read_back(tiny_models, glimpse_checkpoi
         outs, _ = _run_steps(llm, prompts)
     finally:
         shutdown(llm)
-    rule = KeepRule(fixed_remain_ratio=RATIO)
-    for spec, prompt, out in zip(SPECS, prompts, outs):
-        want, _ = hf_glimpse[family].generate(prompt["prompt"], [i.build() for i in spec.images],
-                                              MAX_TOKENS, rule)
-        assert list(out.outputs[0].token_ids) == want.tokens, spec
+    _assert_equals_reference(hf_glimpse[family], SPECS, prompts, outs)

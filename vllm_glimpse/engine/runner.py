@@ -222,8 +222,7 @@ class GlimpseRunnerMixin:
         super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
         model = self._glimpse_model
         if model is not None and not is_profiling:
-            model.glimpse_check_kv_cache(
-                kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size, self.vllm_config)
+            model.glimpse_check_kv_cache(kv_cache_config, self.vllm_config)
 
     def _model_forward(self, *args, **kwargs):
         try:

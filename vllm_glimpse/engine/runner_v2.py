@@ -53,8 +53,7 @@ class GlimpseRunnerV2Mixin:
     def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
         if getattr(self.model, "glimpse_enabled", False) and not is_profiling:
-            self.model.glimpse_check_kv_cache(
-                kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size, self.vllm_config)
+            self.model.glimpse_check_kv_cache(kv_cache_config, self.vllm_config)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         state = self.model_state

@@ -473,7 +473,7 @@ class GlimpseModelMixin:
         parts, is_multimodal = conds
         return parts, torch.cumsum(is_multimodal[:num_tokens].long(), 0) - 1
 
-    def glimpse_check_kv_cache(self, block_size: int, vllm_config) -> None:
+    def glimpse_check_kv_cache(self, kv_cache_config, vllm_config) -> None:
         """At start-up, once the KV cache exists. LLaVA's glimpse scores are a softmax over
         every key of the prompt; keys of tokens from the prefix cache or from earlier chunks
         live only in the paged cache. A cache that cannot be read back (a quantized one turns
@@ -488,6 +488,7 @@ class GlimpseModelMixin:
             ("chunked prefill", vllm_config.scheduler_config.enable_chunked_prefill)) if on]
         if not features:
             return
+        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         reasons = sorted({kv.unreadable for kv in self._glimpse_layers_kv(block_size)
                           if not kv.readable})
         if reasons:
